@@ -1,0 +1,179 @@
+"""The `tunesmith` command. Bad input exits with code 2 and a message (a traceback only with --debug)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from tunesmith.errors import TunesmithError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    from tunesmith.methods import REGISTRY
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    recipe_args = argparse.ArgumentParser(add_help=False)
+    recipe_args.add_argument("recipe", help="recipe YAML file")
+    recipe_args.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                             help="override recipe keys, e.g. train.learning_rate=1e-4 method.adapter=full")
+
+    parser = argparse.ArgumentParser(prog="tunesmith", parents=[common],
+                                     description="Fine-tune open language models on your own data.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", parents=[common], help="write a commented starter recipe")
+    p.add_argument("path", nargs="?", default="recipe.yaml")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    sub.add_parser("validate", parents=[common, recipe_args], help="check a recipe and its files; report every problem")
+
+    p = sub.add_parser("train", parents=[common, recipe_args], help="fine-tune as the recipe says")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+
+    data = sub.add_parser("data", parents=[common], help="look at the data as training will see it")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    p = dsub.add_parser("preview", parents=[common, recipe_args],
+                        help="formatted examples with trained tokens marked ⟦…⟧, token counts, truncation")
+    p.add_argument("-n", "--rows", type=int, default=3, help="examples to show (default 3)")
+
+    for name, text in (("generate", "answer prompts with a run's model"), ("chat", "chat with a run's model")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("run", help="run folder written by `tunesmith train`")
+        if name == "generate":
+            p.add_argument("prompts", nargs="+", help="one or more prompts")
+        p.add_argument("--base", action="store_true", help="answer with the untouched base model")
+        p.add_argument("--system", default=None, help="system prompt")
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+
+    p = sub.add_parser("export", parents=[common], help="write a standalone model folder")
+    p.add_argument("run")
+    p.add_argument("--merge", action="store_true", required=True, help="merge the adapter into the base weights")
+    p.add_argument("--out", default=None, help="output folder (default RUN/merged)")
+    p.add_argument("--overwrite", action="store_true")
+
+    sub.add_parser("methods", parents=[common], help=f"list training methods ({', '.join(REGISTRY)})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse, dispatch, and turn TunesmithErrors into a message and exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except TunesmithError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_init(args) -> int:
+    from tunesmith.recipe import starter_recipe
+
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        raise TunesmithError(f"{path} already exists", "pass --force to overwrite it, or give another path")
+    path.write_text(starter_recipe(path.name))
+    print(f"wrote {path}; edit data.train, then `tunesmith validate {path}`")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from tunesmith.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(f"{args.recipe}: ok — method {recipe.method.name}, model {recipe.model.name}, "
+          f"train {recipe.data.train}, run folder {recipe.output.dir}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from tunesmith.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    _quiet_libraries()
+    from tunesmith.train import train_run
+
+    train_run(recipe, resume=args.resume)
+    return 0
+
+
+def cmd_data(args) -> int:
+    from tunesmith.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    _quiet_libraries()
+    from tunesmith.preview import preview
+
+    print(preview(recipe, rows=args.rows))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    _quiet_libraries()
+    from tunesmith.generate import conversations_from_prompts, generate, load_run
+
+    loaded = load_run(args.run, base=args.base)
+    answers = generate(loaded, conversations_from_prompts(args.prompts, args.system),
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    for prompt, answer in zip(args.prompts, answers):
+        if len(args.prompts) > 1:
+            print(f"> {prompt}")
+        print(answer)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    _quiet_libraries()
+    from tunesmith.generate import chat_loop, load_run
+
+    chat_loop(load_run(args.run, base=args.base), system_prompt=args.system,
+              max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    return 0
+
+
+def cmd_export(args) -> int:
+    _quiet_libraries()
+    from tunesmith.generate import export_merged
+
+    out = export_merged(args.run, args.out or Path(args.run) / "merged", overwrite=args.overwrite)
+    print(f"wrote merged model to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from tunesmith.methods import REGISTRY
+
+    for name, method in REGISTRY.items():
+        params = ", ".join(f for f in method.params.model_fields if f != "name")
+        print(f"{name:<8} {method.summary}\n{'':<8} trains on: {', '.join(method.record_types)} · "
+              f"parameters: {params}")
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (advisory warnings) off the terminal; our own summaries say what matters."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+COMMANDS = {"init": cmd_init, "validate": cmd_validate, "train": cmd_train, "data": cmd_data,
+            "generate": cmd_generate, "chat": cmd_chat, "export": cmd_export, "methods": cmd_methods}

@@ -1,0 +1,126 @@
+"""Using a run: load exactly what was trained (or its untouched base), generate, chat, and export merged weights.
+
+Reads only the run folder: the manifest says which base model and which saved weights to use.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from tunesmith.artifacts import open_run
+from tunesmith.errors import RunError
+from tunesmith.model import load_model, resolve_model
+
+
+@dataclass
+class Loaded:
+    """A model ready to answer: weights, tokenizer and the run's generation config."""
+
+    model: Any
+    tokenizer: Any
+    generation_config: Any
+    label: str
+
+
+def load_run(path: str | Path, base: bool = False, dtype=None) -> Loaded:
+    """The run's tuned model (adapter applied, or full weights), or with `base=True` its untouched base model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    run = open_run(path)
+    manifest = run.read_manifest()
+    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    generation_config = GenerationConfig.from_pretrained(run.root)
+    bm = manifest["base_model"]
+    if base or manifest["saved"] == "adapter":
+        model = load_model(resolve_model(bm["name"], bm.get("cache_dir")), dtype=dtype)
+        label = f"base ({bm['resolved']})"
+        if not base:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, run.adapter)
+            label = f"tuned ({run.root})"
+    elif manifest["saved"] == "model":
+        model = AutoModelForCausalLM.from_pretrained(run.model, dtype=dtype)
+        label = f"tuned ({run.root})"
+    else:
+        raise RunError(f"{run.root}: manifest names unknown saved weights {manifest['saved']!r}")
+    model.eval()
+    model.config.use_cache = True
+    return Loaded(model, tokenizer, generation_config, label)
+
+
+def generate(loaded: Loaded, conversations: list[list[dict[str, str]]], max_new_tokens: int = 128,
+             temperature: float = 0.0, batch_size: int = 8) -> list[str]:
+    """Answer each conversation (a list of chat messages ending with a user turn); greedy when temperature is 0."""
+    import torch
+
+    tok, answers = loaded.tokenizer, []
+    for start in range(0, len(conversations), batch_size):
+        chunk = conversations[start:start + batch_size]
+        texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chunk]
+        batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        with torch.inference_mode():
+            out = loaded.model.generate(**batch, generation_config=loaded.generation_config,
+                                        max_new_tokens=max_new_tokens, **sampling)
+        new = out[:, batch["input_ids"].shape[1]:]
+        answers.extend(tok.decode(row, skip_special_tokens=True).strip() for row in new)
+    return answers
+
+
+def chat_loop(loaded: Loaded, read: Callable[[str], str] = input, write: Callable[[str], None] = print,
+              system_prompt: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0) -> int:
+    """An interactive chat on the terminal; `/reset` clears the history, `/exit` or end-of-input quits."""
+    history: list[dict[str, str]] = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    write(f"chatting with {loaded.label} — /reset clears the history, /exit quits")
+    turns = 0
+    while True:
+        try:
+            line = read("you> ")
+        except (EOFError, KeyboardInterrupt):
+            write("")
+            return turns
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return turns
+        if line == "/reset":
+            history = history[:1] if system_prompt else []
+            write("(history cleared)")
+            continue
+        history.append({"role": "user", "content": line})
+        answer = generate(loaded, [history], max_new_tokens=max_new_tokens, temperature=temperature)[0]
+        history.append({"role": "assistant", "content": answer})
+        write(f"model> {answer}")
+        turns += 1
+
+
+def export_merged(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a standalone model folder (weights, tokenizer, generation config), the adapter merged in."""
+    loaded = load_run(path)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise RunError(f"{out}: already exists", "choose another --out folder or pass --overwrite")
+        shutil.rmtree(out)
+    model = loaded.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(out)
+    loaded.tokenizer.padding_side = "right"
+    loaded.tokenizer.save_pretrained(out)
+    loaded.generation_config.save_pretrained(out)
+    return out
+
+
+def conversations_from_prompts(prompts: Iterable[str], system_prompt: str | None = None) -> list[list[dict]]:
+    """One single-turn conversation per prompt."""
+    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [head + [{"role": "user", "content": p}] for p in prompts]

@@ -1,0 +1,13 @@
+"""The one registry of training methods. Adding a method = one file in this folder + one line here.
+
+The CLI choices, the recipe schema, `tunesmith methods` and the per-method tests all derive from REGISTRY.
+"""
+
+from __future__ import annotations
+
+from tunesmith.methods import sft
+from tunesmith.methods.base import Method, TrainOutcome
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (sft.METHOD,)}
+
+__all__ = ["REGISTRY", "Method", "TrainOutcome"]

@@ -1,0 +1,33 @@
+"""What a method is: its parameters, the records it trains on, and how it trains. No torch at import time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from tunesmith.recipe import MethodParams
+
+
+@dataclass(frozen=True)
+class Method:
+    """One entry of the registry. `train(job)` runs the method and returns a TrainOutcome."""
+
+    name: str
+    summary: str
+    params: type[MethodParams]
+    record_types: tuple[str, ...]
+    train: Callable[["Any"], "TrainOutcome"]
+
+
+@dataclass
+class TrainOutcome:
+    """What training produced, for the summary and the manifest."""
+
+    steps: int
+    seconds: float
+    trained_tokens: int
+    losses: dict[str, float | None] = field(default_factory=dict)  # train/validation before/after
+    saved: str = ""  # 'adapter' or 'model'
+    trainable_params: int = 0
+    total_params: int = 0
+    stopped_early: bool = False

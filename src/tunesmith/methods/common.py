@@ -1,0 +1,165 @@
+"""Training machinery every method shares: the job, trainer arguments, metrics, early stopping, the loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunesmith.artifacts import RunDir, truncate_metrics
+from tunesmith.data.format import Encoded
+from tunesmith.errors import RunError
+from tunesmith.methods.base import TrainOutcome
+from tunesmith.model import ModelSource
+from tunesmith.recipe import Recipe
+
+
+@dataclass
+class Job:
+    """Everything a method needs to train: the recipe, the run folder, the model source and encoded rows."""
+
+    recipe: Recipe
+    run: RunDir
+    source: ModelSource
+    tokenizer: Any
+    train_rows: list[Encoded]
+    validation_rows: list[Encoded]
+    loss_rows: list[Encoded]  # a fixed sample of training rows: train loss before and after
+    precision: str  # bf16 | fp16 | fp32 (already resolved from 'auto')
+    resume: bool = False
+    callbacks: list = field(default_factory=list)  # extra transformers callbacks (tests use them)
+
+
+def to_dataset(rows: list[Encoded]):
+    """A `datasets.Dataset` of input_ids and labels."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]})
+
+
+def trainer_arguments(job: Job) -> dict[str, Any]:
+    """TrainingArguments keywords from the recipe's `train` section (shared by every Trainer-based method)."""
+    t = job.recipe.train
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(job.run.tensorboard)  # transformers 5 reads the folder from here
+    has_val = bool(job.validation_rows)
+    args: dict[str, Any] = dict(
+        output_dir=str(job.run.checkpoints),
+        learning_rate=t.learning_rate, lr_scheduler_type=t.scheduler, weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon, optim="adamw_torch",
+        max_grad_norm=t.max_grad_norm,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
+        bf16=job.precision == "bf16", fp16=job.precision == "fp16",
+        gradient_checkpointing=t.gradient_checkpointing,
+        seed=t.seed, data_seed=t.seed,
+        eval_strategy="steps" if (t.eval_every and has_val) else "no", eval_steps=t.eval_every,
+        save_strategy="steps" if t.save_every else "no", save_steps=t.save_every,
+        save_total_limit=t.save_total_limit,
+        logging_strategy="steps", logging_steps=t.log_every, logging_first_step=True,
+        report_to=["tensorboard"], disable_tqdm=False, dataloader_num_workers=0,
+        remove_unused_columns=False, use_cpu=False,
+    )
+    if t.warmup_steps is not None:
+        args["warmup_steps"] = t.warmup_steps
+    elif t.warmup_ratio is not None:
+        args["warmup_steps"] = t.warmup_ratio  # transformers 5: a float below 1 is a ratio of the total steps
+    return args
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+class MetricsCallback:
+    """Appends every log and evaluation to metrics.jsonl (TensorBoard gets them from the Trainer)."""
+
+    def __new__(cls, path):
+        from transformers import TrainerCallback
+
+        class _Metrics(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if not state.is_world_process_zero or not logs:
+                    return
+                row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+                with open(path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(row) + "\n")
+
+        return _Metrics()
+
+
+class EarlyStopping:
+    """Stops training after `patience` evaluations without a lower validation loss."""
+
+    def __new__(cls, patience: int):
+        from transformers import TrainerCallback
+
+        class _EarlyStopping(TrainerCallback):
+            best: float | None = None
+            bad = 0
+
+            def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+                loss = (metrics or {}).get("eval_loss")
+                if loss is None:
+                    return
+                if self.best is None or loss < self.best - 1e-6:
+                    self.best, self.bad = loss, 0
+                else:
+                    self.bad += 1
+                    if self.bad >= patience:
+                        control.should_training_stop = True
+                        state.stopped_early = True
+
+        return _EarlyStopping()
+
+
+def run_trainer(job: Job, trainer, model) -> TrainOutcome:
+    """Measure loss before, train (or resume), measure loss after; return the outcome."""
+    import torch
+
+    before_path = job.run.root / ".losses_before.json"
+    resume_from = None
+    if job.resume:
+        resume_from = job.run.last_checkpoint()
+        if resume_from is None:
+            raise RunError(f"{job.run.checkpoints}: no checkpoint to resume from",
+                           "checkpoints are written every `train.save_every` steps; run without --resume")
+        truncate_metrics(job.run.metrics, int(resume_from.name.split("-")[-1]))
+    if before_path.exists():
+        before = json.loads(before_path.read_text())
+    else:
+        before = _losses(job, trainer) if job.recipe.eval.loss_before else {}
+        before_path.write_text(json.dumps(before))
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.time() - t0
+    after = _losses(job, trainer)
+    state = trainer.state
+    start_epoch = 0.0
+    if resume_from is not None:
+        start_epoch = json.loads((resume_from / "trainer_state.json").read_text()).get("epoch", 0.0)
+    per_epoch = sum(r.trained_tokens for r in job.train_rows)
+    trained_tokens = int(round(per_epoch * max((state.epoch or 0.0) - start_epoch, 0.0)))
+    trainable, total = count_parameters(model)
+    losses = {f"{k}_before": before.get(k) for k in ("train", "validation")}
+    losses.update({f"{k}_after": after.get(k) for k in ("train", "validation")})
+    losses["train_running"] = result.training_loss
+    del torch
+    return TrainOutcome(steps=state.global_step, seconds=seconds, trained_tokens=trained_tokens, losses=losses,
+                        trainable_params=trainable, total_params=total,
+                        stopped_early=bool(getattr(state, "stopped_early", False)))
+
+
+def _losses(job: Job, trainer) -> dict[str, float]:
+    """Mean token loss on the training sample and on validation."""
+    out = {}
+    if job.loss_rows:
+        out["train"] = trainer.evaluate(to_dataset(job.loss_rows), metric_key_prefix="train_sample")[
+            "train_sample_loss"]
+    if job.validation_rows:
+        out["validation"] = trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
+    return out

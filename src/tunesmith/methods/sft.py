@@ -1,0 +1,84 @@
+"""Supervised fine-tuning (`method: sft`): LoRA or full, on TRL's SFTTrainer.
+
+Rows arrive already formatted and masked (tunesmith.data.format); TRL supplies the loop, the padding-free
+collator and checkpointing. Read top to bottom: parameters, model, trainer, save.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from tunesmith.methods.base import Method, TrainOutcome
+from tunesmith.recipe import MethodParams, Strict
+
+
+class LoraParams(Strict):
+    r: int = Field(16, gt=0)  # rank of the update matrices
+    alpha: float = Field(32, gt=0)  # scale = alpha / r
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"  # module names, or every linear layer
+
+
+class SFTParams(MethodParams):
+    name: Literal["sft"] = "sft"
+    adapter: Literal["lora", "full"] = "lora"
+    train_on: Literal["responses", "all"] = "responses"  # loss on assistant turns only, or on every token
+    lora: LoraParams = LoraParams()
+
+
+def train(job) -> TrainOutcome:
+    """Train with SFT and save `adapter/` (LoRA) or `model/` (full) into the run folder."""
+    from trl import SFTConfig, SFTTrainer
+
+    from tunesmith.methods.common import EarlyStopping, MetricsCallback, run_trainer, to_dataset, trainer_arguments
+
+    params: SFTParams = job.recipe.method
+    model = build_model(job, params)
+    config = SFTConfig(**trainer_arguments(job), max_length=None, padding_free=job.recipe.train.padding_free,
+                       dataset_kwargs={"skip_prepare_dataset": True}, packing=False)
+    callbacks = [MetricsCallback(job.run.metrics), *job.callbacks]
+    if job.recipe.train.early_stopping_patience:
+        callbacks.append(EarlyStopping(job.recipe.train.early_stopping_patience))
+    trainer = SFTTrainer(model=model, args=config, train_dataset=to_dataset(job.train_rows),
+                         eval_dataset=to_dataset(job.validation_rows) if job.validation_rows else None,
+                         processing_class=job.tokenizer, callbacks=callbacks)
+    outcome = run_trainer(job, trainer, model)
+    outcome.saved = save(job, trainer.model, params)
+    return outcome
+
+
+def build_model(job, params: SFTParams):
+    """The base model, wrapped with a LoRA adapter unless the adapter is `full`."""
+    from tunesmith.model import load_model
+
+    model = load_model(job.source)
+    model.config.use_cache = False  # padding-free batches stay separate only without the cache
+    if params.adapter == "full":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
+                      target_modules=params.lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def save(job, model, params: SFTParams) -> str:
+    """Write the trained weights in plain peft / transformers format; return the folder's name."""
+    model.config.use_cache = True
+    if params.adapter == "full":
+        model.save_pretrained(job.run.model)
+        job.tokenizer.save_pretrained(job.run.model)
+        return "model"
+    model.save_pretrained(job.run.adapter)
+    return "adapter"
+
+
+METHOD = Method(
+    name="sft",
+    summary="supervised fine-tuning on chats, instructions, labels or text; adapter: lora | full",
+    params=SFTParams,
+    record_types=("chat", "instruction", "classification", "text"),
+    train=train,
+)

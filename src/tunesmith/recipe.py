@@ -1,0 +1,391 @@
+"""The recipe: one nested YAML file parsed into frozen pydantic models, every problem reported at once.
+
+Nothing here imports torch: a recipe is checked before anything heavy starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+
+from tunesmith.errors import RecipeError
+
+RECORD_FORMATS = ("auto", "text", "instruction", "chat", "classification", "preference")
+
+
+class Strict(BaseModel):
+    """Base for every recipe section: frozen, and unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(Strict):
+    name: str = "default"  # 'default' (bundled SmolLM2-135M-Instruct), a local Hugging Face folder, or a .gguf file
+    cache_dir: str | None = None  # where the default model's safetensors copy is kept (default ~/.cache/tunesmith)
+
+
+class DataSection(Strict):
+    train: str  # JSONL, CSV, Parquet file or a saved `datasets` folder
+    validation: str | None = None  # same formats; when absent, a split of `train` is held out
+    format: Literal["auto", "text", "instruction", "chat", "classification", "preference"] = "auto"
+    columns: dict[str, str] = Field(default_factory=dict)  # canonical field -> column in your file
+    labels: list[str] | None = None  # allowed labels (classification); default: the labels seen in train
+    system_prompt: str | None = None  # added as a system message to every chat/instruction row
+    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # held out when no validation file is given
+    max_reject_fraction: float = Field(0.05, ge=0.0, le=1.0)  # stop when a larger share of rows is rejected
+
+
+class TrainSection(Strict):
+    learning_rate: float = Field(2e-4, gt=0)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)  # share of steps to warm up over
+    warmup_steps: int | None = Field(None, ge=0)  # or a fixed number of steps (not both)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    batch_size: int = Field(8, gt=0)  # rows per device per step
+    gradient_accumulation: int = Field(1, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # when set, wins over epochs
+    max_seq_len: int = Field(512, gt=8)  # longer rows are truncated (counted and reported)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: fastest correct on this hardware
+    padding_free: bool = True  # concatenate a batch without padding (faster); false pads every row
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    eval_every: int | None = Field(None, gt=0)  # steps between validation-loss evaluations
+    early_stopping_patience: int | None = Field(None, gt=0)  # evaluations without improvement before stopping
+    save_every: int | None = Field(None, gt=0)  # steps between checkpoints
+    save_total_limit: int = Field(2, gt=0)  # checkpoints kept
+    log_every: int = Field(10, gt=0)  # steps between metrics.jsonl / TensorBoard lines
+
+
+class EvalSection(Strict):
+    loss_before: bool = True  # measure train/validation loss before training as well as after
+    loss_rows: int = Field(128, gt=0)  # training rows sampled for the before/after train loss
+
+
+class OutputSection(Strict):
+    dir: str | None = None  # run folder; default runs/<recipe file name>
+    overwrite: bool = False  # replace an existing finished run folder
+
+
+class MethodParams(Strict):
+    """Base of every method's parameters; each method file defines its own subclass."""
+
+    name: str
+
+
+class Recipe(Strict):
+    model: ModelSection = ModelSection()
+    data: DataSection
+    method: SerializeAsAny[MethodParams]
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    output: OutputSection = OutputSection()
+
+    def to_yaml(self) -> str:
+        """The resolved recipe, every default filled in, as YAML."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+SECTIONS: dict[str, type[Strict]] = {
+    "model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection, "output": OutputSection,
+}
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool = True) -> Recipe:
+    """Read, override, validate and resolve a recipe file; raise one RecipeError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(str(path), [f"recipe file not found: {path} (create one with `tunesmith init {path}`)"])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(str(path), [f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(str(path), [f"not UTF-8 text: {exc}"]) from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise RecipeError(str(path), [f"the top level must be a mapping of sections, got {type(raw).__name__}"])
+    raw, problems = apply_overrides(raw, overrides, base=path.parent)
+    _resolve_paths(raw, path.parent)
+    raw.setdefault("output", {})
+    if isinstance(raw["output"], dict) and not raw["output"].get("dir"):
+        raw["output"] = {**raw["output"], "dir": str(Path("runs") / path.stem)}
+    return parse_recipe(raw, str(path), check_files=check_files, problems=problems)
+
+
+def apply_overrides(raw: dict, overrides: list[str], base: Path) -> tuple[dict, list[str]]:
+    """Apply `a.b=c` overrides (values parsed as YAML) to a copy of `raw`; return it and any problems."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"override {item!r}: write it as section.key=value, e.g. train.learning_rate=1e-4")
+            continue
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+        if key in _PATH_KEYS and isinstance(value, str):  # paths typed on the command line are relative to cwd
+            node[parts[-1]] = str(Path(value).resolve())
+    return raw, problems
+
+
+_PATH_KEYS = ("data.train", "data.validation", "model.cache_dir", "output.dir")
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    """Make relative paths in the recipe relative to the recipe file's folder."""
+    for key in _PATH_KEYS + ("model.name",):
+        section, field = key.split(".")
+        node = raw.get(section)
+        if not isinstance(node, dict) or not isinstance(node.get(field), str):
+            continue
+        value = node[field]
+        if key == "model.name" and (value == "default" or not (base / value).exists()):
+            continue
+        if not Path(value).expanduser().is_absolute():
+            node[field] = str((base / value).resolve())
+
+
+def parse_recipe(raw: dict, source: str = "recipe", check_files: bool = True,
+                 problems: list[str] | None = None) -> Recipe:
+    """Validate a recipe dict; raise one RecipeError listing every problem with its dotted path."""
+    from tunesmith.methods import REGISTRY
+
+    problems = list(problems or [])
+    for key in raw:
+        if key not in SECTIONS and key != "method":
+            problems.append(_unknown_key(str(key), list(SECTIONS) + ["method"], raw[key]))
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        value = raw.get(name, {})
+        if name == "data" and name not in raw:
+            problems.append("`data`: required section is missing; give at least `data.train: path/to/train.jsonl`")
+            continue
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            problems.append(f"`{name}`: must be a mapping of keys, got {value!r}")
+            continue
+        try:
+            sections[name] = cls.model_validate(value)
+        except ValidationError as exc:
+            problems.extend(_describe(exc, name, cls))
+    method_raw = raw.get("method", {"name": "sft"})
+    if isinstance(method_raw, str):
+        method_raw = {"name": method_raw}
+    if not isinstance(method_raw, dict):
+        problems.append(f"`method`: must be a mapping with a `name`, got {method_raw!r}")
+    else:
+        method_raw = {"name": "sft", **method_raw}
+        name = method_raw["name"]
+        if name not in REGISTRY:
+            problems.append(_bad_choice("method.name", name, list(REGISTRY)))
+        else:
+            try:
+                sections["method"] = REGISTRY[name].params.model_validate(method_raw)
+            except ValidationError as exc:
+                problems.extend(_describe(exc, "method", REGISTRY[name].params))
+    problems.extend(_cross_checks(sections))
+    if check_files:
+        problems.extend(_file_checks(sections))
+    if problems:
+        raise RecipeError(source, problems)
+    return Recipe.model_validate(sections)
+
+
+def _cross_checks(s: dict[str, Any]) -> list[str]:
+    out = []
+    train, data = s.get("train"), s.get("data")
+    if train and train.warmup_ratio is not None and train.warmup_steps is not None:
+        out.append("`train.warmup_steps` and `train.warmup_ratio`: can't set both; choose one")
+    if train and train.early_stopping_patience is not None:
+        if train.eval_every is None:
+            out.append("`train.early_stopping_patience`: needs `train.eval_every` (how often to measure validation loss)")
+        if data and data.validation is None and data.validation_fraction == 0:
+            out.append("`train.early_stopping_patience`: needs validation data; give `data.validation` "
+                       "or a `data.validation_fraction` above 0")
+    if data and data.format == "classification" and data.labels is not None and len(set(data.labels)) < 2:
+        out.append(f"`data.labels`: {data.labels!r} — a classifier needs at least two distinct labels")
+    method = s.get("method")
+    if method is not None and data is not None:
+        from tunesmith.methods import REGISTRY
+
+        kinds = REGISTRY[method.name].record_types
+        if data.format != "auto" and data.format not in kinds:
+            out.append(f"`data.format`: {data.format!r} can't train method {method.name!r}; "
+                       f"it trains on {', '.join(kinds)}")
+    return out
+
+
+def _file_checks(s: dict[str, Any]) -> list[str]:
+    out = []
+    data = s.get("data")
+    if data:
+        for key in ("train", "validation"):
+            value = getattr(data, key)
+            if value is not None and not Path(value).exists():
+                out.append(f"`data.{key}`: {value!r} does not exist; give a JSONL, CSV or Parquet file, "
+                           "or a saved `datasets` folder")
+    model = s.get("model")
+    if model and model.name != "default" and not Path(model.name).expanduser().exists():
+        out.append(f"`model.name`: {model.name!r} is neither 'default' nor an existing local folder or .gguf file")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- messages
+
+
+def _describe(exc: ValidationError, prefix: str, cls: type[BaseModel]) -> list[str]:
+    """Turn pydantic's errors into one line each: dotted path, value given, what is allowed."""
+    out = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        path = ".".join([prefix, *loc])
+        kind, given = err["type"], err.get("input")
+        if kind == "extra_forbidden":
+            out.append(_unknown_key(path, _fields_at(cls, loc[:-1]), given))
+        elif kind == "literal_error":
+            allowed = re.findall(r"'([^']*)'", err["ctx"]["expected"])
+            out.append(_bad_choice(path, given, allowed))
+        elif kind == "missing":
+            out.append(f"`{path}`: required, but missing")
+        elif kind in _TYPE_WORDS:
+            out.append(f"`{path}`: {given!r} is not {_TYPE_WORDS[kind]}")
+        elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            out.append(f"`{path}`: {given!r} is out of range — it must be {_RANGE_WORDS[kind]} {_bound(err)}")
+        else:
+            out.append(f"`{path}`: {given!r} — {err['msg']}")
+    return out
+
+
+_TYPE_WORDS = {
+    "float_parsing": "a number", "float_type": "a number", "int_parsing": "a whole number",
+    "int_type": "a whole number", "int_from_float": "a whole number", "bool_parsing": "true or false",
+    "bool_type": "true or false", "string_type": "text (a string)", "list_type": "a list",
+    "dict_type": "a mapping", "model_type": "a mapping of keys", "model_attributes_type": "a mapping of keys",
+}
+_RANGE_WORDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _bound(err: dict) -> Any:
+    return next(iter(err.get("ctx", {}).values()), "")
+
+
+def _unknown_key(path: str, allowed: list[str], given: Any) -> str:
+    key = path.rsplit(".", 1)[-1]
+    guess = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    hint = f"; did you mean `{path.rsplit('.', 1)[0] + '.' if '.' in path else ''}{guess[0]}`?" if guess else ""
+    return f"`{path}`: unknown key (given {given!r}); allowed here: {', '.join(allowed)}{hint}"
+
+
+def _bad_choice(path: str, given: Any, allowed: list[str]) -> str:
+    guess = difflib.get_close_matches(str(given), allowed, n=1, cutoff=0.6)
+    hint = f"; did you mean {guess[0]!r}?" if guess else ""
+    return f"`{path}`: {given!r} is not allowed; choose one of: {', '.join(allowed)}{hint}"
+
+
+def _fields_at(cls: type[BaseModel], loc: list[str]) -> list[str]:
+    """The field names allowed at `loc` inside model class `cls`."""
+    for part in loc:
+        field = cls.model_fields.get(part)
+        if field is None:
+            return []
+        sub = _model_in(field.annotation)
+        if sub is None:
+            return []
+        cls = sub
+    return list(cls.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found:
+            return found
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- starter
+
+STARTER = """\
+# tunesmith recipe. Every key is shown with its default; delete what you don't need.
+# Check it with `tunesmith validate {name}`; override any key on the command line: train.epochs=2
+# Relative paths are relative to this file's folder.
+
+model:
+  name: default          # 'default' = bundled SmolLM2-135M-Instruct; or a local Hugging Face folder, or a .gguf file
+
+data:
+  train: train.jsonl     # JSONL, CSV, Parquet, or a saved `datasets` folder
+  validation: null       # when null, validation_fraction of train is held out (stratified for labels)
+  format: auto           # auto | text | instruction | chat | classification | preference
+  columns: {{}}            # map canonical fields to your columns, e.g. {{instruction: question, output: answer}}
+  system_prompt: null    # a system message added to every chat/instruction row
+  validation_fraction: 0.1
+  max_reject_fraction: 0.05   # stop if more than 5% of rows are malformed (they are listed in rejects.jsonl)
+
+method:
+  name: sft              # supervised fine-tuning
+  adapter: lora          # lora | full
+  train_on: responses    # responses (loss on assistant turns only) | all
+  lora: {{r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}}
+
+train:
+  learning_rate: 2.0e-4
+  scheduler: linear      # linear | cosine | constant
+  warmup_ratio: 0.05     # or warmup_steps: N (not both)
+  weight_decay: 0.0
+  batch_size: 8
+  gradient_accumulation: 1
+  epochs: 1              # or max_steps: N (wins over epochs)
+  max_seq_len: 512
+  precision: auto        # auto | bf16 | fp16 | fp32 (auto picks the fastest correct one here)
+  padding_free: true
+  gradient_checkpointing: false
+  seed: 42
+  eval_every: null       # steps between validation-loss measurements
+  early_stopping_patience: null
+  save_every: null       # steps between checkpoints (resume with `tunesmith train RECIPE --resume`)
+  save_total_limit: 2
+  log_every: 10
+
+eval:
+  loss_before: true      # also measure loss before training, for the before/after summary
+
+output:
+  dir: null              # default: runs/<this file's name>
+  overwrite: false
+"""
+
+
+def starter_recipe(name: str = "recipe.yaml") -> str:
+    """A commented starter recipe showing every common key with its default."""
+    return STARTER.format(name=name)

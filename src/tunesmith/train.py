@@ -1,0 +1,185 @@
+"""The training stage, wired in order: run folder -> data -> tokenizer -> formatting -> method -> save -> summary."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tunesmith import artifacts
+from tunesmith.artifacts import RunDir
+from tunesmith.data import check_reject_share, file_sha256, prepare_data, write_rejects
+from tunesmith.data.format import Encoded, encode, end_of_turn_ids, stats
+from tunesmith.errors import RunError
+from tunesmith.methods import REGISTRY
+from tunesmith.model import load_tokenizer, pick_precision, resolve_model
+from tunesmith.recipe import Recipe
+
+
+@dataclass
+class EncodedData:
+    """Formatted rows plus the rows formatting had to reject."""
+
+    train: list[Encoded]
+    validation: list[Encoded]
+    rejects: list[dict[str, Any]]
+
+
+def train_run(recipe: Recipe, resume: bool = False, callbacks: list | None = None,
+              echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train as the recipe says and write a complete run folder; return the manifest."""
+    started = time.time()
+    method = REGISTRY[recipe.method.name]
+    run = prepare_run_dir(recipe, resume)
+    run.recipe.write_text(recipe.to_yaml())
+
+    timings: dict[str, float] = {}
+    t = time.time()
+    data = prepare_data(recipe.data, recipe.train.seed, method.record_types)
+    source = resolve_model(recipe.model.name, recipe.model.cache_dir)
+    tokenizer = load_tokenizer(source)
+    encoded = encode_rows(data, tokenizer, recipe)
+    all_rejects = data.rejects + encoded.rejects
+    write_rejects(all_rejects, run.rejects)
+    echo(data_summary(data.counts(), len(encoded.rejects), stats(encoded.train), recipe, run))
+    check_reject_share(data, recipe.data.max_reject_fraction)
+    timings["data_seconds"] = round(time.time() - t, 2)
+
+    from tunesmith.methods.common import Job
+
+    rng = random.Random(recipe.train.seed)
+    loss_rows = rng.sample(encoded.train, min(recipe.eval.loss_rows, len(encoded.train)))
+    precision = pick_precision(recipe.train.precision)
+    echo(f"model: {source.describe()} · method: {method.name} ({getattr(recipe.method, 'adapter', '-')}) · "
+         f"precision: {precision}" + (" (auto)" if recipe.train.precision == "auto" else ""))
+    job = Job(recipe=recipe, run=run, source=source, tokenizer=tokenizer, train_rows=encoded.train,
+              validation_rows=encoded.validation, loss_rows=loss_rows, precision=precision, resume=resume,
+              callbacks=list(callbacks or []))
+    outcome = method.train(job)
+    timings["train_seconds"] = round(outcome.seconds, 2)
+
+    save_tokenizer_and_generation(run, tokenizer, source)
+    manifest = {
+        "tunesmith_run": 1,
+        "method": method.name,
+        "saved": outcome.saved,
+        "base_model": {"name": recipe.model.name, "cache_dir": recipe.model.cache_dir,
+                       "resolved": source.describe()},
+        "precision": precision,
+        "seed": recipe.train.seed,
+        "data": {**data.counts(),
+                 "formatting_rejects": len(encoded.rejects),
+                 "hashes": {load.path: file_sha256(load.path) for load in data.loads},
+                 "train_tokens": stats(encoded.train), "validation_tokens": stats(encoded.validation),
+                 "labels": data.labels},
+        "training": {"steps": outcome.steps, "trained_tokens": outcome.trained_tokens,
+                     "trained_tokens_per_second": round(outcome.trained_tokens / max(outcome.seconds, 1e-9), 2),
+                     "trainable_params": outcome.trainable_params, "total_params": outcome.total_params,
+                     "stopped_early": outcome.stopped_early, "resumed": resume},
+        "losses": outcome.losses,
+        "timings": {**timings, "total_seconds": round(time.time() - started, 2)},
+        "versions": artifacts.versions(),
+        "git_sha": artifacts.git_sha(Path(__file__).parent),
+        "machine": artifacts.machine(),
+    }
+    artifacts.write_json(run.manifest, manifest)
+    (run.root / ".losses_before.json").unlink(missing_ok=True)
+    echo(train_summary(manifest, run))
+    return manifest
+
+
+def prepare_run_dir(recipe: Recipe, resume: bool) -> RunDir:
+    """Create (or, to resume, re-open) the run folder; refuse to clobber a finished run unless told."""
+    run = RunDir(Path(recipe.output.dir))
+    if resume:
+        if not run.recipe.exists():
+            raise RunError(f"{run.root}: nothing to resume (no recipe.yaml)", "run without --resume to start")
+        if run.recipe.read_text() != recipe.to_yaml():
+            raise RunError(f"{run.root}: the recipe differs from the one this run started with",
+                           f"resume with the same recipe and overrides (see {run.recipe})")
+        return run
+    if run.root.exists() and any(run.root.iterdir()):
+        if not recipe.output.overwrite:
+            raise RunError(f"{run.root}: run folder already exists",
+                           "pass output.overwrite=true to replace it, --resume to continue it, "
+                           "or output.dir=another/folder")
+        shutil.rmtree(run.root)
+    run.root.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def encode_rows(data, tokenizer, recipe: Recipe) -> EncodedData:
+    """Format every record; a row left with no trained tokens after truncation becomes a reject."""
+    train_on = getattr(recipe.method, "train_on", "responses")
+    out = EncodedData([], [], [])
+    for records, target in ((data.train, out.train), (data.validation, out.validation)):
+        for record in records:
+            enc = encode(record, tokenizer, recipe.train.max_seq_len, train_on, recipe.data.system_prompt)
+            if enc.trained_tokens == 0:
+                out.rejects.append({"file": record.source, "line": record.line,
+                                    "reason": f"no trained tokens left after truncation to "
+                                              f"train.max_seq_len={recipe.train.max_seq_len} "
+                                              f"(row has {enc.full_length} tokens)",
+                                    "row": record.data})
+                continue
+            target.append(enc)
+    return out
+
+
+def save_tokenizer_and_generation(run: RunDir, tokenizer, source) -> None:
+    """Save the tokenizer (with its chat template) and a generation config that stops at end of turn."""
+    from transformers import GenerationConfig
+
+    tokenizer.save_pretrained(run.tokenizer)
+    try:
+        config = GenerationConfig.from_pretrained(source.path)
+    except OSError:
+        config = GenerationConfig()
+    stops = sorted(end_of_turn_ids(tokenizer))
+    config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    config.pad_token_id = tokenizer.pad_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    config.save_pretrained(run.root)
+
+
+def data_summary(counts: dict[str, Any], formatting_rejects: int, train_stats: dict[str, Any], recipe: Recipe,
+                 run: RunDir) -> str:
+    """The data lines printed before training."""
+    lines = [f"data ({counts['kind']}):"]
+    for path, c in counts["files"].items():
+        reasons = ", ".join(f"{k} ×{v}" for k, v in c["reasons"].items())
+        lines.append(f"  {path}: {c['read']} rows read, {c['used']} used, {c['rejected']} rejected"
+                     + (f" ({reasons})" if reasons else ""))
+    lines.append(f"  train {counts['train_rows']} rows · validation {counts['validation_rows']} rows "
+                 f"({'from file' if counts['validation_source'] == 'file' else 'held out from train'})")
+    lines.append(f"  tokens: {train_stats['tokens']} ({train_stats['trained_tokens']} trained), length "
+                 f"median {train_stats['length_median']} / max {train_stats['length_max']}; "
+                 f"{train_stats['truncated_rows']} rows truncated to max_seq_len={recipe.train.max_seq_len}")
+    if formatting_rejects:
+        lines.append(f"  {formatting_rejects} rows rejected after formatting (nothing left to train on)")
+    lines.append(f"  rejects: {run.rejects}")
+    return "\n".join(lines)
+
+
+def train_summary(manifest: dict[str, Any], run: RunDir) -> str:
+    """The table printed when training ends."""
+    tr, losses = manifest["training"], manifest["losses"]
+
+    def fmt(x):
+        return "—" if x is None else f"{x:.4f}"
+
+    rows = [
+        ("run folder", str(run.root)),
+        ("saved", f"{manifest['saved']}/"),
+        ("steps", str(tr["steps"]) + (" (stopped early)" if tr["stopped_early"] else "")),
+        ("train time", f"{manifest['timings']['train_seconds']:.1f} s"),
+        ("trained tokens/s", f"{tr['trained_tokens_per_second']:.1f}"),
+        ("trainable params", f"{tr['trainable_params']:,} of {tr['total_params']:,}"),
+        ("train loss", f"{fmt(losses.get('train_before'))} -> {fmt(losses.get('train_after'))}"),
+        ("validation loss", f"{fmt(losses.get('validation_before'))} -> {fmt(losses.get('validation_after'))}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(["", "summary"] + [f"  {k:<{width}}  {v}" for k, v in rows])
