@@ -41,6 +41,8 @@ def to_dataset(rows: list[Encoded]):
 
 def trainer_arguments(job: Job) -> dict[str, Any]:
     """TrainingArguments keywords from the recipe's `train` section (shared by every Trainer-based method)."""
+    import torch
+
     t = job.recipe.train
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(job.run.tensorboard)  # transformers 5 reads the folder from here
     has_val = bool(job.validation_rows)
@@ -60,7 +62,7 @@ def trainer_arguments(job: Job) -> dict[str, Any]:
         save_total_limit=t.save_total_limit,
         logging_strategy="steps", logging_steps=t.log_every, logging_first_step=True,
         report_to=["tensorboard"], disable_tqdm=False, dataloader_num_workers=0,
-        remove_unused_columns=False, use_cpu=False,
+        remove_unused_columns=False, prediction_loss_only=True, use_cpu=not torch.cuda.is_available(),
     )
     if t.warmup_steps is not None:
         args["warmup_steps"] = t.warmup_steps
@@ -163,3 +165,32 @@ def _losses(job: Job, trainer) -> dict[str, float]:
     if job.validation_rows:
         out["validation"] = trainer.evaluate(metric_key_prefix="eval")["eval_loss"]
     return out
+
+
+def trained_token_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
+    """Mean cross-entropy over the labelled tokens, computing vocabulary logits only where a label exists.
+
+    Most of a chat is prompt, and the vocabulary projection (49k wide for SmolLM2) dominates memory; projecting
+    only the positions that are trained on makes a step cheaper without changing the loss.
+    Returns (loss, logits of the kept positions, number of labelled tokens, number of correct top-1 tokens).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    labels = inputs["labels"]
+    shifted = labels[:, 1:]
+    keep = (shifted != -100).any(dim=0).nonzero().flatten()
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    model_inputs["use_cache"] = False
+    if keep.numel() == 0:
+        keep = torch.zeros(1, dtype=torch.long, device=labels.device)
+    logits = model(**model_inputs, logits_to_keep=keep).logits
+    targets = shifted[:, keep]
+    count = (targets != -100).sum()
+    total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                            reduction="sum")
+    denominator = num_items_in_batch if num_items_in_batch is not None else count
+    loss = total / torch.as_tensor(denominator, device=total.device).clamp(min=1)
+    with torch.no_grad():
+        correct = ((logits.argmax(-1) == targets) & (targets != -100)).sum()
+    return loss, logits, count, correct

@@ -30,7 +30,7 @@ class SFTParams(MethodParams):
 
 def train(job) -> TrainOutcome:
     """Train with SFT and save `adapter/` (LoRA) or `model/` (full) into the run folder."""
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from tunesmith.methods.common import EarlyStopping, MetricsCallback, run_trainer, to_dataset, trainer_arguments
 
@@ -41,12 +41,31 @@ def train(job) -> TrainOutcome:
     callbacks = [MetricsCallback(job.run.metrics), *job.callbacks]
     if job.recipe.train.early_stopping_patience:
         callbacks.append(EarlyStopping(job.recipe.train.early_stopping_patience))
-    trainer = SFTTrainer(model=model, args=config, train_dataset=to_dataset(job.train_rows),
+    trainer = _trainer_class()(model=model, args=config, train_dataset=to_dataset(job.train_rows),
                          eval_dataset=to_dataset(job.validation_rows) if job.validation_rows else None,
                          processing_class=job.tokenizer, callbacks=callbacks)
     outcome = run_trainer(job, trainer, model)
     outcome.saved = save(job, trainer.model, params)
     return outcome
+
+
+def _trainer_class():
+    """TRL's SFTTrainer with a loss that projects to the vocabulary only at trained positions."""
+    from trl import SFTTrainer
+
+    from tunesmith.methods.common import trained_token_loss
+
+    class TunesmithSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, logits, count, correct = trained_token_loss(model, inputs, num_items_in_batch)
+            mode = "train" if model.training else "eval"
+            self._metrics[mode]["mean_token_accuracy"].append((correct / count.clamp(min=1)).item())
+            if mode == "train":
+                self._total_train_tokens += int(count)
+                self._metrics[mode]["trained_tokens"] = [self._total_train_tokens]
+            return (loss, {"loss": loss, "logits": logits}) if return_outputs else loss
+
+    return TunesmithSFTTrainer
 
 
 def build_model(job, params: SFTParams):
