@@ -80,7 +80,7 @@ def encode_chat(tokenizer, messages: list[dict[str, str]], train_on: str = "resp
     spans = assistant_spans(tokenizer, messages, text)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-    trained = [any(s <= start and end <= e and end > start for s, e in spans) for start, end in offsets]
+    trained = [any(start < e and end > s for s, e in spans) for start, end in offsets]  # any overlap
     ids, trained = _close_turns(tokenizer, ids, trained)
     bos = _needs_bos(tokenizer, ids)
     if bos is not None:

@@ -136,14 +136,14 @@ def run_trainer(job: Job, trainer, model) -> TrainOutcome:
     else:
         before = _losses(job, trainer) if job.recipe.eval.loss_before else {}
         before_path.write_text(json.dumps(before))
+    start_epoch = 0.0
+    if resume_from is not None:
+        start_epoch = json.loads((resume_from / "trainer_state.json").read_text()).get("epoch", 0.0)
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.time() - t0
     after = _losses(job, trainer)
     state = trainer.state
-    start_epoch = 0.0
-    if resume_from is not None:
-        start_epoch = json.loads((resume_from / "trainer_state.json").read_text()).get("epoch", 0.0)
     per_epoch = sum(r.trained_tokens for r in job.train_rows)
     trained_tokens = int(round(per_epoch * max((state.epoch or 0.0) - start_epoch, 0.0)))
     trainable, total = count_parameters(model)

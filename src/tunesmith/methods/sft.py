@@ -70,8 +70,11 @@ def _trainer_class():
 
 def build_model(job, params: SFTParams):
     """The base model, wrapped with a LoRA adapter unless the adapter is `full`."""
+    from transformers import set_seed
+
     from tunesmith.model import load_model
 
+    set_seed(job.recipe.train.seed)  # adapter initialisation is random: seed it like the rest of the run
     model = load_model(job.source)
     model.config.use_cache = False  # padding-free batches stay separate only without the cache
     if params.adapter == "full":

@@ -1,0 +1,237 @@
+"""SFT on a tiny random Llama: parameters change, resume reproduces, the run folder reloads with plain libraries."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from tunesmith.artifacts import read_metrics
+from tunesmith.errors import DataError
+from tunesmith.recipe import parse_recipe
+from tunesmith.train import train_run
+
+
+def make_recipe(tmp_path, model_dir, rows, name="run", **train):
+    data = write_jsonl(tmp_path / "train.jsonl", rows) if not (tmp_path / "train.jsonl").exists() \
+        else tmp_path / "train.jsonl"
+    method = train.pop("method", {})
+    data_extra = train.pop("data", {})
+    settings = {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3, "max_seq_len": 64, "log_every": 1,
+                "seed": 7, **train}
+    raw = {"model": {"name": str(model_dir)},
+           "data": {"train": str(data), "validation_fraction": 0.2, **data_extra},
+           "method": {"name": "sft", **method},
+           "train": settings, "eval": {"loss_rows": 8},
+           "output": {"dir": str(tmp_path / name)}}
+    return parse_recipe(raw)
+
+
+def callback(**hooks):
+    from transformers import TrainerCallback
+
+    return type("Hook", (TrainerCallback,), hooks)()
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_a_step_changes_every_trainable_parameter_and_no_frozen_one(tmp_path, tiny_model_dir, chat_rows, adapter):
+    seen = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        seen["after"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    recipe = make_recipe(tmp_path, tiny_model_dir, chat_rows, method={"adapter": adapter})
+    manifest = train_run(recipe, callbacks=[callback(on_train_begin=on_train_begin, on_train_end=on_train_end)],
+                         echo=lambda s: None)
+    trainable = seen["trainable"]
+    assert trainable and manifest["training"]["steps"] == 2
+    if adapter == "lora":
+        assert all("lora_" in n for n in trainable)
+        assert len(trainable) == 2 * 2 * 7  # 2 layers × 7 linear modules × (A, B)
+    else:
+        assert trainable == set(seen["before"])
+    unchanged = [n for n in trainable if torch.equal(seen["before"][n], seen["after"][n])]
+    assert unchanged == []
+    changed_frozen = [n for n in seen["before"] if n not in trainable
+                      and not torch.equal(seen["before"][n], seen["after"][n])]
+    assert changed_frozen == []
+    assert manifest["training"]["trainable_params"] == sum(seen["before"][n].numel() for n in trainable)
+
+
+def test_resume_after_a_kill_gives_the_same_losses(tmp_path, tiny_model_dir, chat_rows):
+    straight = make_recipe(tmp_path, tiny_model_dir, chat_rows, name="straight", max_steps=6, save_every=2)
+    train_run(straight, echo=lambda s: None)
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 3:  # checkpoint-2 exists; step 3 is done but not saved, as in a real kill
+            raise KeyboardInterrupt
+
+    killed = make_recipe(tmp_path, tiny_model_dir, chat_rows, name="killed", max_steps=6, save_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(killed, callbacks=[callback(on_step_end=on_step_end)], echo=lambda s: None)
+    manifest = train_run(killed, resume=True, echo=lambda s: None)
+
+    def losses(name):
+        return {r["step"]: r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r}
+
+    a, b = losses("straight"), losses("killed")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-4
+    assert manifest["training"]["resumed"] is True and manifest["training"]["steps"] == 6
+    straight_m = json.loads((tmp_path / "straight" / "manifest.json").read_text())
+    assert abs(manifest["losses"]["validation_after"] - straight_m["losses"]["validation_after"]) < 1e-4
+
+
+def probe_logits(model, tokenizer):
+    ids = tokenizer("The quick brown fox", return_tensors="pt")["input_ids"]
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):  # callbacks may run inside the trainer's autocast
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_run_folder_contents_and_plain_library_reload(tmp_path, tiny_model_dir, chat_rows, tokenizer, adapter):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    captured = {}
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        captured["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    recipe = make_recipe(tmp_path, tiny_model_dir, chat_rows, method={"adapter": adapter}, save_every=1,
+                         save_total_limit=1)
+    manifest = train_run(recipe, callbacks=[callback(on_train_end=on_train_end)], echo=lambda s: None)
+    run = tmp_path / "run"
+    weights = "adapter" if adapter == "lora" else "model"
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["recipe.yaml", "manifest.json", weights, "tokenizer", "generation_config.json", "metrics.jsonl",
+         "tensorboard", "checkpoints", "rejects.jsonl"])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["checkpoint-2"]
+    if adapter == "lora":
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (run / "adapter").iterdir()}
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "adapter")
+    else:
+        assert {"config.json", "model.safetensors"} <= {p.name for p in (run / "model").iterdir()}
+        model = AutoModelForCausalLM.from_pretrained(run / "model")
+    reloaded = dict(model.named_parameters())
+    assert set(reloaded) == set(captured["params"])
+    assert all(torch.equal(reloaded[n], p) for n, p in captured["params"].items())
+    from tunesmith.generate import load_run
+
+    assert torch.equal(probe_logits(model, tokenizer), probe_logits(load_run(run).model, tokenizer))
+
+    tok = AutoTokenizer.from_pretrained(run / "tokenizer")
+    assert tok.chat_template == tokenizer.chat_template
+    gen = json.loads((run / "generation_config.json").read_text())
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in (gen["eos_token_id"] if isinstance(
+        gen["eos_token_id"], list) else [gen["eos_token_id"]])
+    assert manifest["data"]["train_rows"] == 16 and manifest["data"]["validation_rows"] == 4
+    assert manifest["data"]["hashes"][str(tmp_path / "train.jsonl")] and manifest["seed"] == 7
+    assert manifest["versions"]["torch"].startswith("2.") and manifest["precision"] in ("bf16", "fp32")
+    steps = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and sum(e.stat().st_size for e in events) > 100
+    assert (run / "recipe.yaml").read_text() == recipe.to_yaml()
+
+
+def test_export_merge_matches_the_adapter(tmp_path, tiny_model_dir, chat_rows, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.generate import export_merged, load_run
+
+    train_run(make_recipe(tmp_path, tiny_model_dir, chat_rows), echo=lambda s: None)
+    tuned = probe_logits(load_run(tmp_path / "run").model, tokenizer)
+    base = probe_logits(load_run(tmp_path / "run", base=True).model, tokenizer)
+    out = export_merged(tmp_path / "run", tmp_path / "merged")
+    merged = probe_logits(AutoModelForCausalLM.from_pretrained(out), tokenizer)
+    assert torch.allclose(merged, tuned, atol=1e-4)
+    assert not torch.allclose(base, tuned, atol=1e-4)  # the adapter did something
+
+
+def test_generate_and_chat_use_the_run(tmp_path, tiny_model_dir, chat_rows):
+    from tunesmith.generate import chat_loop, conversations_from_prompts, generate, load_run
+
+    train_run(make_recipe(tmp_path, tiny_model_dir, chat_rows), echo=lambda s: None)
+    loaded = load_run(tmp_path / "run")
+    answers = generate(loaded, conversations_from_prompts(["What is 2 plus 2?", "Hi"]), max_new_tokens=5)
+    alone = generate(loaded, conversations_from_prompts(["Hi"]), max_new_tokens=5)
+    assert len(answers) == 2 and answers[1] == alone[0]  # left padding does not change an answer
+    inputs = iter(["hello", "/reset", "again", "/exit"])
+    out = []
+    turns = chat_loop(loaded, read=lambda prompt: next(inputs), write=out.append, max_new_tokens=3)
+    assert turns == 2 and "(history cleared)" in out and sum(line.startswith("model> ") for line in out) == 2
+
+
+def test_early_stopping_stops_after_patience(tmp_path, tiny_model_dir, chat_rows):
+    recipe = make_recipe(tmp_path, tiny_model_dir, chat_rows, max_steps=10, eval_every=1,
+                         early_stopping_patience=2, learning_rate=1e-12)
+    manifest = train_run(recipe, echo=lambda s: None)
+    # the evaluation before training is the baseline: steps 1 and 2 don't beat it, so training stops at step 2
+    assert manifest["training"]["stopped_early"] is True and manifest["training"]["steps"] == 2
+
+
+def test_bad_rows_are_rejected_and_the_limit_stops_the_run(tmp_path, tiny_model_dir, chat_rows):
+    rows = chat_rows + ['{"messages": [', {"messages": [{"role": "robot", "content": "x"}]}]
+    recipe = make_recipe(tmp_path, tiny_model_dir, rows, data={"max_reject_fraction": 0.1})
+    manifest = train_run(recipe, echo=lambda s: None)
+    rejects = [json.loads(line) for line in (tmp_path / "run" / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"].split(":")[0]) for r in rejects] == [(21, "malformed JSON"),
+                                                                         (22, "unknown role")]
+    assert manifest["data"]["files"][str(tmp_path / "train.jsonl")]["rejected"] == 2
+    strict = make_recipe(tmp_path, tiny_model_dir, rows, name="strict", data={"max_reject_fraction": 0.05})
+    with pytest.raises(DataError, match="2 of 22 rows rejected"):
+        train_run(strict, echo=lambda s: None)
+    assert len((tmp_path / "strict" / "rejects.jsonl").read_text().splitlines()) == 2
+
+
+def test_rows_with_nothing_left_to_train_are_rejected(tmp_path, tiny_model_dir, chat_rows):
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]}
+    recipe = make_recipe(tmp_path, tiny_model_dir, chat_rows + [long_prompt], data={"validation_fraction": 0})
+    manifest = train_run(recipe, echo=lambda s: None)
+    rejects = [json.loads(line) for line in (tmp_path / "run" / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == 1 and rejects[0]["line"] == 21 and "no trained tokens" in rejects[0]["reason"]
+    assert manifest["data"]["formatting_rejects"] == 1 and manifest["training"]["steps"] == 2
+
+
+def test_padding_free_batches_do_not_leak_across_rows(tiny_model_dir, tokenizer):
+    """The padding-free default concatenates rows; each must see only itself."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    model.config.use_cache = False
+    a = tokenizer("first row of text", return_tensors="pt")["input_ids"]
+    b = tokenizer("a second, different and longer row", return_tensors="pt")["input_ids"]
+    packed = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1])])[None]
+    with torch.no_grad():
+        together = model(input_ids=packed, position_ids=positions).logits
+        alone_b = model(input_ids=b).logits
+    assert torch.allclose(together[:, a.shape[1]:], alone_b, atol=1e-5)
+
+
+def test_trained_position_loss_equals_the_full_logits_loss(tiny_model_dir, tokenizer):
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.methods.common import trained_token_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(0, 1000, (3, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[1, 9:] = -100
+    with torch.no_grad():
+        loss, _, count, _ = trained_token_loss(model, {"input_ids": ids, "labels": labels})
+        logits = model(input_ids=ids).logits
+        expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100)
+    assert int(count) == int((labels[:, 1:] != -100).sum()) and torch.allclose(loss, expected, atol=1e-5)
