@@ -87,8 +87,6 @@ def test_init_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert path.read_text() == starter_recipe("recipe.yaml")
 
 
-@pytest.mark.xfail(strict=True, reason="source bug: `init` into a folder that does not exist raises "
-                                       "FileNotFoundError (a traceback) instead of creating it or exiting 2")
 def test_init_into_a_new_folder(tmp_path, capsys):
     path = tmp_path / "configs" / "recipe.yaml"
     assert main(["init", str(path)]) == 0
@@ -139,8 +137,6 @@ def test_validate_with_debug_lets_the_error_propagate(bad_recipe):
     assert len(info.value.problems) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="source bug: the subcommand's own --debug default (False) overwrites "
-                                       "`tunesmith --debug` given before the subcommand")
 def test_debug_before_the_subcommand_also_propagates(bad_recipe):
     with pytest.raises(RecipeError):
         main(["--debug", "validate", str(bad_recipe)])

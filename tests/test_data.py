@@ -264,9 +264,9 @@ def test_every_bad_jsonl_row_kind_is_rejected_with_its_line_and_reason(tmp_path)
     assert [line for line, _ in got] == [2, 3, 4, 5, 6, 7, 8, 9, 10]
     assert got == [
         (2, "malformed JSON: Expecting ',' delimiter at column 14"),
-        (3, "a row must be a JSON object, got list"),
-        (4, "a row must be a JSON object, got str"),
-        (5, "invalid UTF-8 at byte 13"),
+        (3, "not a JSON object: got list"),
+        (4, "not a JSON object: got str"),
+        (5, "invalid UTF-8: at byte 13"),
         (6, "missing field: 'text'"),
         (7, "missing field: 'text'"),
         (8, "empty field: 'text'"),
@@ -284,8 +284,6 @@ def test_every_bad_jsonl_row_kind_is_rejected_with_its_line_and_reason(tmp_path)
     assert result.rejects[4]["row"] == {"body": "no text field"}
 
 
-@pytest.mark.xfail(strict=True, reason="source bug: reader reasons carry no colon before their detail, so "
-                                       "LoadResult.reasons() counts each byte offset / JSON type as its own reason")
 def test_reasons_group_unreadable_rows_by_kind(tmp_path):
     path = write_bytes(tmp_path / "u.jsonl", b'{"text": "\xff"}', b'{"text": "ab\xfe"}', b"[1]", b'"s"')
     assert load_records(path, fmt="text").reasons() == Counter({"invalid UTF-8": 2, "not a JSON object": 2})
@@ -297,8 +295,6 @@ def test_malformed_json_reports_the_column(tmp_path):
         (1, "malformed JSON: Expecting property name enclosed in double quotes at column 14")]
 
 
-@pytest.mark.xfail(strict=True, reason="source bug: the JSONL reader parses each line with its trailing newline, so "
-                                       "errors at the end of a line name the wrong column and message")
 @pytest.mark.parametrize("line, reason", [
     ('{"text": "unterminated}', "malformed JSON: Unterminated string starting at column 10"),
     ('{"text": ', "malformed JSON: Expecting value at column 10"),
@@ -320,8 +316,8 @@ def test_bad_csv_rows_invalid_utf8_and_wrong_cell_count(tmp_path):
     result = load_records(path)
     assert result.kind == "classification"
     assert records_of(result) == [(2, {"text": "good", "label": "pos"}), (7, {"text": "fine", "label": "neg"})]
-    assert lines_and_reasons(result) == [(3, "invalid UTF-8"), (4, "3 cells, but the header has 2"),
-                                         (5, "1 cells, but the header has 2"), (6, "empty field: 'text'")]
+    assert lines_and_reasons(result) == [(3, "invalid UTF-8"), (4, "wrong cell count: 3 cells, but the header has 2"),
+                                         (5, "wrong cell count: 1 cells, but the header has 2"), (6, "empty field: 'text'")]
     assert result.rejects[0]["row"] == "caf\ufffd\ufffd,neg"
     assert result.rejects[1]["row"] == "a,b,c"
 
@@ -550,7 +546,7 @@ def test_write_rejects_writes_file_line_reason_and_row(tmp_path):
     assert [list(item) for item in items] == [["file", "line", "reason", "row"]] * 3
     assert [(i["file"], i["line"]) for i in items] == [(str(path), 2), (str(path), 3), (str(path), 4)]
     assert items[0]["reason"].startswith("malformed JSON:") and items[0]["row"] == "{oops"
-    assert items[1]["reason"] == "invalid UTF-8 at byte 16" and items[1]["row"] == '{"text": "café \ufffd"}'
+    assert items[1]["reason"] == "invalid UTF-8: at byte 16" and items[1]["row"] == '{"text": "café \ufffd"}'
     assert items[2] == {"file": str(path), "line": 4, "reason": "empty field: 'text'", "row": {"text": ""}}
     assert "café" in lines[1]  # written as UTF-8, not \u escapes
 

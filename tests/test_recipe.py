@@ -117,11 +117,9 @@ def test_unknown_key_at_the_method_level_suggests_the_closest(tmp_path):
 def test_unknown_key_nested_inside_the_method_section_lists_the_allowed_keys(tmp_path):
     path = write_recipe(tmp_path, recipe_with(method={"name": "sft", "lora": {"rank": 8}}))
     [line] = problems_of(path)
-    assert line.startswith("`method.lora.rank`: unknown key (given 8); allowed here: r, alpha, dropout, target_modules")
+    assert line.startswith("`method.lora.rank`: unknown key (given 8); allowed here: r, alpha, dropout, target_modules; did you mean `method.lora.r`?")
 
 
-@pytest.mark.xfail(strict=True, reason="source gap: difflib cutoff 0.6 can't relate 'rank' to 'r' (ratio 0.4); "
-                                       "see the alias patch proposed for recipe._unknown_key")
 def test_unknown_lora_rank_suggests_r(tmp_path):
     path = write_recipe(tmp_path, recipe_with(method={"name": "sft", "lora": {"rank": 8}}))
     [line] = problems_of(path)
@@ -288,7 +286,7 @@ output:
         "`train.gradient_accumulation`: 0 is out of range — it must be > 0",
         "`eval.lose_rows`: unknown key (given 3); allowed here: loss_before, loss_rows; did you mean `eval.loss_rows`?",
         "`output.overwrite`: 'perhaps' is not true or false",
-        "`method.lora.rank`: unknown key (given 8); allowed here: r, alpha, dropout, target_modules",
+        "`method.lora.rank`: unknown key (given 8); allowed here: r, alpha, dropout, target_modules; did you mean `method.lora.r`?",
         "`data.labels`: ['pos'] — a classifier needs at least two distinct labels",
         f"`data.train`: {str(tmp_path / 'missing.jsonl')!r} does not exist; give a JSONL, CSV or Parquet file, "
         "or a saved `datasets` folder",
@@ -338,8 +336,6 @@ def test_missing_data_and_unknown_method_are_reported_together(tmp_path):
     ])
 
 
-@pytest.mark.xfail(strict=True, reason="source bug: cross-field and file checks are skipped for a section that has "
-                                       "any field error, so they surface only on a second run")
 def test_cross_field_and_file_problems_are_reported_alongside_field_errors_in_the_same_section(tmp_path):
     raw = {"data": {"train": "missing.jsonl", "validation_fraction": 1.5},
            "train": {"learnig_rate": 1e-4, "warmup_steps": 10, "warmup_ratio": 0.1}}
@@ -519,8 +515,6 @@ def test_loading_a_recipe_does_not_import_torch(tmp_path):
 # ----------------------------------------------------------------------------------------------- known source bugs
 
 
-@pytest.mark.xfail(strict=True, reason="source bug: `~` in data paths is kept unexpanded, so the file check "
-                                       "(and the reader) look for a literal '~' folder")
 def test_home_relative_data_path_is_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     write_jsonl(tmp_path / "train.jsonl", [{"text": "a"}])
@@ -528,8 +522,6 @@ def test_home_relative_data_path_is_expanded(tmp_path, monkeypatch):
     assert load_recipe(path).data.train == str(tmp_path / "train.jsonl")
 
 
-@pytest.mark.xfail(strict=True, reason="source bug: an override below `method` replaces the `method: NAME` "
-                                       "shorthand with a dict, silently dropping the name (it falls back to sft)")
 def test_override_below_method_shorthand_keeps_the_method_name(tmp_path):
     path = write_recipe(tmp_path, recipe_with(method="sftt"))
     assert problems_of(path, ["method.adapter=full"]) == [

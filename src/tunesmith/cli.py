@@ -15,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     from tunesmith.methods import REGISTRY
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    # SUPPRESS: a subcommand that wasn't given --debug must not reset `tunesmith --debug COMMAND` to False
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show a traceback on errors")
     recipe_args = argparse.ArgumentParser(add_help=False)
     recipe_args.add_argument("recipe", help="recipe YAML file")
     recipe_args.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args) or 0
     except TunesmithError as exc:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.hint:
@@ -85,7 +86,8 @@ def cmd_init(args) -> int:
     path = Path(args.path)
     if path.exists() and not args.force:
         raise TunesmithError(f"{path} already exists", "pass --force to overwrite it, or give another path")
-    path.write_text(starter_recipe(path.name))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(starter_recipe(path.name), encoding="utf-8")
     print(f"wrote {path}; edit data.train, then `tunesmith validate {path}`")
     return 0
 

@@ -27,9 +27,9 @@ class Loaded:
 
 def load_run(path: str | Path, base: bool = False, dtype=None) -> Loaded:
     """The run's tuned model (adapter applied, or full weights), or with `base=True` its untouched base model."""
+    run = open_run(path)  # a wrong folder fails fast, before torch is imported
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    run = open_run(path)
     manifest = run.read_manifest()
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
     tokenizer.padding_side = "left"

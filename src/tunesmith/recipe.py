@@ -146,12 +146,14 @@ def apply_overrides(raw: dict, overrides: list[str], base: Path) -> tuple[dict, 
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
+            if node is raw and part == "method" and isinstance(node.get(part), str):
+                node[part] = {"name": node[part]}  # `method: NAME` shorthand
+            elif not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
         node[parts[-1]] = value
         if key in _PATH_KEYS and isinstance(value, str):  # paths typed on the command line are relative to cwd
-            node[parts[-1]] = str(Path(value).resolve())
+            node[parts[-1]] = str(Path(value).expanduser().resolve())
     return raw, problems
 
 
@@ -166,6 +168,8 @@ def _resolve_paths(raw: dict, base: Path) -> None:
         if not isinstance(node, dict) or not isinstance(node.get(field), str):
             continue
         value = node[field]
+        if value.startswith("~"):
+            value = node[field] = str(Path(value).expanduser())
         if key == "model.name" and (value == "default" or not (base / value).exists()):
             continue
         if not Path(value).expanduser().is_absolute():
@@ -182,6 +186,8 @@ def parse_recipe(raw: dict, source: str = "recipe", check_files: bool = True,
         if key not in SECTIONS and key != "method":
             problems.append(_unknown_key(str(key), list(SECTIONS) + ["method"], raw[key]))
     sections: dict[str, Any] = {}
+    partial: dict[str, Any] = {}  # the valid part of a section with errors, for the cross-field and file checks
+    flagged: set[str] = set()  # `section.key` already reported; cross-field lines about them would only repeat it
     for name, cls in SECTIONS.items():
         value = raw.get(name, {})
         if name == "data" and name not in raw:
@@ -196,6 +202,9 @@ def parse_recipe(raw: dict, source: str = "recipe", check_files: bool = True,
             sections[name] = cls.model_validate(value)
         except ValidationError as exc:
             problems.extend(_describe(exc, name, cls))
+            bad = {str(err["loc"][0]) for err in exc.errors() if err["loc"]}
+            flagged |= {f"`{name}.{key}`" for key in bad}
+            partial[name] = _valid_part(cls, value, bad)
     method_raw = raw.get("method", {"name": "sft"})
     if isinstance(method_raw, str):
         method_raw = {"name": method_raw}
@@ -211,12 +220,20 @@ def parse_recipe(raw: dict, source: str = "recipe", check_files: bool = True,
                 sections["method"] = REGISTRY[name].params.model_validate(method_raw)
             except ValidationError as exc:
                 problems.extend(_describe(exc, "method", REGISTRY[name].params))
-    problems.extend(_cross_checks(sections))
-    if check_files:
-        problems.extend(_file_checks(sections))
+    checked = {**partial, **sections}
+    later = _cross_checks(checked) + (_file_checks(checked) if check_files else [])
+    problems.extend(p for p in later if not any(key in p for key in flagged))
     if problems:
         raise RecipeError(source, problems)
     return Recipe.model_validate(sections)
+
+
+def _valid_part(cls: type[Strict], value: dict, bad: set[str]) -> Strict | None:
+    """The section without the keys pydantic rejected (defaults in their place), or None if still invalid."""
+    try:
+        return cls.model_validate({k: v for k, v in value.items() if k not in bad})
+    except ValidationError:
+        return None
 
 
 def _cross_checks(s: dict[str, Any]) -> list[str]:
@@ -297,9 +314,14 @@ def _bound(err: dict) -> Any:
     return next(iter(err.get("ctx", {}).values()), "")
 
 
+_ALIASES = {"rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+            "lr": "learning_rate", "grad_accum": "gradient_accumulation", "bs": "batch_size"}
+
+
 def _unknown_key(path: str, allowed: list[str], given: Any) -> str:
     key = path.rsplit(".", 1)[-1]
-    guess = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    alias = _ALIASES.get(key)
+    guess = [alias] if alias in allowed else difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
     hint = f"; did you mean `{path.rsplit('.', 1)[0] + '.' if '.' in path else ''}{guess[0]}`?" if guess else ""
     return f"`{path}`: unknown key (given {given!r}); allowed here: {', '.join(allowed)}{hint}"
 

@@ -59,21 +59,22 @@ def _jsonl(path: Path) -> Iterator[RawRow]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield RawRow(number, None, f"invalid UTF-8 at byte {exc.start}",
+                yield RawRow(number, None, f"invalid UTF-8: at byte {exc.start}",
                              raw.decode("utf-8", "replace").rstrip("\n"))
                 continue
             if number == 1:
                 text = text.lstrip("\ufeff")
             if not text.strip():
                 continue  # blank lines are layout, not rows
+            text = text.rstrip("\r\n")
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as exc:
-                yield RawRow(number, None, f"malformed JSON: {exc.msg} at column {exc.colno}", text.rstrip("\n"))
+                yield RawRow(number, None, f"malformed JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}",
+                             text)
                 continue
             if not isinstance(value, dict):
-                yield RawRow(number, None, f"a row must be a JSON object, got {type(value).__name__}",
-                             text.rstrip("\n"))
+                yield RawRow(number, None, f"not a JSON object: got {type(value).__name__}", text)
                 continue
             yield RawRow(number, value)
 
@@ -100,7 +101,8 @@ def _csv(path: Path) -> Iterator[RawRow]:
                 "utf-8", "replace"))
             continue
         if len(cells) != len(header):
-            yield RawRow(line, None, f"{len(cells)} cells, but the header has {len(header)}", raw_text)
+            yield RawRow(line, None, f"wrong cell count: {len(cells)} cells, but the header has {len(header)}",
+                         raw_text)
             continue
         yield RawRow(line, dict(zip(header, cells)))
 

