@@ -69,7 +69,7 @@ class TrainSection(Strict):
 
 class EvalSection(Strict):
     loss_before: bool = True  # measure train/validation loss before training as well as after
-    loss_rows: int = Field(128, gt=0)  # training rows sampled for the before/after train loss
+    loss_rows: int = Field(64, gt=0)  # training rows sampled for the before/after train loss
 
 
 class OutputSection(Strict):
