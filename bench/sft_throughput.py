@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "meeting-json" / "train.jsonl"
 ARMS = ("tunesmith-pf", "tunesmith-padded", "plain")
+EXTRA_ARMS = ("tunesmith-pf-fp32", "tunesmith-padded-fp32")  # not run by default: attribute bf16's share
 RESULT_PREFIX = "BENCH_RESULT "
 BATCH, LR, SEED, MAX_LEN = 8, 2e-4, 42, 256
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
@@ -83,7 +84,7 @@ def last_losses_mean(losses: list[float], k: int = 4) -> float:
 # ----------------------------------------------------------------------------------------------- arms
 
 
-def arm_tunesmith(rows: int, steps: int, padding_free: bool) -> dict:
+def arm_tunesmith(rows: int, steps: int, padding_free: bool, precision: str = "auto") -> dict:
     from tunesmith.recipe import parse_recipe
     from tunesmith.train import train_run
 
@@ -96,7 +97,8 @@ def arm_tunesmith(rows: int, steps: int, padding_free: bool) -> dict:
             "data": {"train": str(train_file), "validation_fraction": 0},
             "method": {"name": "sft", "adapter": "lora", "lora": dict(LORA)},
             "train": {"learning_rate": LR, "scheduler": "constant", "batch_size": BATCH, "max_steps": steps,
-                      "max_seq_len": MAX_LEN, "log_every": 1, "seed": SEED, "padding_free": padding_free},
+                      "max_seq_len": MAX_LEN, "log_every": 1, "seed": SEED, "padding_free": padding_free,
+                      "precision": precision},
             "eval": {"loss_before": False},
             "output": {"dir": str(run_dir), "overwrite": True},
         }
@@ -182,14 +184,13 @@ def arm_plain(rows: int, steps: int) -> dict:
 
 def run_arm(name: str, rows: int, steps: int) -> None:
     t0 = time.time()
-    if name == "tunesmith-pf":
-        out = arm_tunesmith(rows, steps, padding_free=True)
-    elif name == "tunesmith-padded":
-        out = arm_tunesmith(rows, steps, padding_free=False)
+    if name.startswith("tunesmith-") and name in ARMS + EXTRA_ARMS:
+        out = arm_tunesmith(rows, steps, padding_free="-pf" in name,
+                            precision="fp32" if name.endswith("-fp32") else "auto")
     elif name == "plain":
         out = arm_plain(rows, steps)
     else:
-        raise SystemExit(f"unknown arm {name!r}; choose from {', '.join(ARMS)}")
+        raise SystemExit(f"unknown arm {name!r}; choose from {', '.join(ARMS + EXTRA_ARMS)}")
     import torch
 
     out.update(arm=name, rows=rows, wall_seconds_total=round(time.time() - t0, 1), threads=torch.get_num_threads(),
@@ -235,7 +236,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {', '.join(ARMS + EXTRA_ARMS)}")
     ap.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm in this process
     ap.add_argument("--json", help="also write every arm's full result to this file")
     args = ap.parse_args()
@@ -244,8 +245,8 @@ def main() -> None:
         return
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     for a in arms:
-        if a not in ARMS:
-            ap.error(f"unknown arm {a!r}; choose from {', '.join(ARMS)}")
+        if a not in ARMS + EXTRA_ARMS:
+            ap.error(f"unknown arm {a!r}; choose from {', '.join(ARMS + EXTRA_ARMS)}")
     results = [spawn(a, args.rows, args.steps, None) for a in arms]
     print(f"\nrows={args.rows} steps={args.steps} batch={BATCH} (load average at end: "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())})\n")
