@@ -57,7 +57,7 @@ class TrainSection(Strict):
     max_steps: int | None = Field(None, gt=0)  # when set, wins over epochs
     max_seq_len: int = Field(512, gt=8)  # longer rows are truncated (counted and reported)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: fastest correct on this hardware
-    padding_free: bool = True  # concatenate a batch without padding (faster); false pads every row
+    padding_free: bool = False  # concatenate a batch without padding; measured no faster on CPU (see BENCHMARKS.md)
     gradient_checkpointing: bool = False
     seed: int = 42
     eval_every: int | None = Field(None, gt=0)  # steps between validation-loss evaluations
@@ -390,7 +390,7 @@ train:
   epochs: 1              # or max_steps: N (wins over epochs)
   max_seq_len: 512
   precision: auto        # auto | bf16 | fp16 | fp32 (auto picks the fastest correct one here)
-  padding_free: true
+  padding_free: false   # true concatenates rows without padding (helps on GPUs with flash attention)
   gradient_checkpointing: false
   seed: 42
   eval_every: null       # steps between validation-loss measurements
