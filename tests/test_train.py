@@ -235,3 +235,17 @@ def test_trained_position_loss_equals_the_full_logits_loss(tiny_model_dir, token
         expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
     assert int(count) == int((labels[:, 1:] != -100).sum()) and torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_fast_dropout_drops_p_and_keeps_the_mean():
+    from tunesmith.methods.common import FastDropout
+
+    torch.manual_seed(0)
+    drop = FastDropout(0.05).train()
+    x = torch.ones(400, 1000)
+    y = drop(x)
+    dropped = float((y == 0).float().mean())
+    assert abs(dropped - 0.05) < 0.002  # 400k elements: 4 standard deviations is ~0.0014
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.95))
+    assert abs(float(y.mean()) - 1.0) < 0.005
+    assert torch.equal(drop.eval()(x), x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -194,3 +195,38 @@ def trained_token_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
     with torch.no_grad():
         correct = ((logits.argmax(-1) == targets) & (targets != -100)).sum()
     return loss, logits, count, correct
+
+
+def FastDropout(p: float):  # noqa: N802 - reads like the nn.Dropout it replaces; torch is imported lazily
+    """nn.Dropout(p) whose CPU mask is 16-bit lanes of int64 random words (4 elements per draw, p to 1/65536)."""
+    return _fast_dropout_class()(p)
+
+
+@functools.cache
+def _fast_dropout_class():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    low, high = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
+
+    class _FastDropout(nn.Module):
+        def __init__(self, p: float):
+            super().__init__()
+            self.p = p
+            self.threshold = -32768 + round(p * 65536)
+
+        def forward(self, x):
+            if not self.training or self.p == 0:
+                return x
+            if x.device.type != "cpu":
+                return F.dropout(x, self.p, True)
+            n = x.numel()
+            words = torch.randint(low, high, ((n + 3) // 4,), dtype=torch.int64)
+            keep = words.view(torch.int16)[:n].view(x.shape) >= self.threshold
+            return x * keep * (1.0 / (1.0 - self.p))
+
+        def extra_repr(self) -> str:
+            return f"p={self.p}"
+
+    return _FastDropout

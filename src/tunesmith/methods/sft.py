@@ -86,6 +86,7 @@ def build_model(job, params: SFTParams):
     model = get_peft_model(model, lora)
     if job.precision in ("bf16", "fp16"):
         keep_adapter_sums_in_fp32(model)
+    use_fast_dropout(model)
     return model
 
 
@@ -101,6 +102,25 @@ def keep_adapter_sums_in_fp32(model) -> None:
     for module in model.modules():
         if isinstance(module, LoraLayer):
             module.base_layer.register_forward_hook(lambda _mod, _inp, out: out.float())
+
+
+def use_fast_dropout(model) -> None:
+    """Give every LoRA layer a dropout that draws its CPU mask four elements per random word.
+
+    peft's `nn.Dropout` samples one Bernoulli number per element; on the CPU that was 25-31% of a LoRA step
+    (bench/sft_throughput.py: 7.1 vs 8.8 s/step with the fast mask, interleaved A/B). Same p (to 1/65536), same
+    scaling; GPUs keep `F.dropout`.
+    """
+    from peft.tuners.lora import LoraLayer
+    from torch import nn
+
+    from tunesmith.methods.common import FastDropout
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, drop in list(module.lora_dropout.items()):
+                if isinstance(drop, nn.Dropout) and drop.p > 0:
+                    module.lora_dropout[name] = FastDropout(drop.p)
 
 
 def save(job, model, params: SFTParams) -> str:
