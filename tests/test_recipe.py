@@ -354,7 +354,7 @@ def test_override_values_are_parsed_as_yaml_types():
         "train.batch_size=16", "train.learning_rate=0.0003", "train.padding_free=false",
         "method.lora.target_modules=[q_proj, v_proj]", "data.system_prompt=Be brief.", "train.max_steps=null",
         "data.labels=['1', '2']", "eval.loss_before=",
-    ], base=Path("."))
+    ])
     assert problems == []
     assert raw["train"] == {"batch_size": 16, "learning_rate": 0.0003, "padding_free": False, "max_steps": None}
     assert type(raw["train"]["batch_size"]) is int and type(raw["train"]["learning_rate"]) is float
@@ -365,7 +365,7 @@ def test_override_values_are_parsed_as_yaml_types():
 
 def test_apply_overrides_does_not_change_its_input():
     original = {"train": {"batch_size": 8}}
-    raw, _ = apply_overrides(original, ["train.batch_size=4"], base=Path("."))
+    raw, _ = apply_overrides(original, ["train.batch_size=4"])
     assert original == {"train": {"batch_size": 8}} and raw == {"train": {"batch_size": 4}}
 
 

@@ -120,7 +120,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool =
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise RecipeError(str(path), [f"the top level must be a mapping of sections, got {type(raw).__name__}"])
-    raw, problems = apply_overrides(raw, overrides, base=path.parent)
+    raw, problems = apply_overrides(raw, overrides)
     _resolve_paths(raw, path.parent)
     raw.setdefault("output", {})
     if isinstance(raw["output"], dict) and not raw["output"].get("dir"):
@@ -128,7 +128,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool =
     return parse_recipe(raw, str(path), check_files=check_files, problems=problems)
 
 
-def apply_overrides(raw: dict, overrides: list[str], base: Path) -> tuple[dict, list[str]]:
+def apply_overrides(raw: dict, overrides: list[str]) -> tuple[dict, list[str]]:
     """Apply `a.b=c` overrides (values parsed as YAML) to a copy of `raw`; return it and any problems."""
     import copy
 

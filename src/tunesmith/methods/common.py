@@ -122,8 +122,6 @@ class EarlyStopping:
 
 def run_trainer(job: Job, trainer, model) -> TrainOutcome:
     """Measure loss before, train (or resume), measure loss after; return the outcome."""
-    import torch
-
     before_path = job.run.root / ".losses_before.json"
     resume_from = None
     if job.resume:
@@ -151,7 +149,6 @@ def run_trainer(job: Job, trainer, model) -> TrainOutcome:
     losses = {f"{k}_before": before.get(k) for k in ("train", "validation")}
     losses.update({f"{k}_after": after.get(k) for k in ("train", "validation")})
     losses["train_running"] = result.training_loss
-    del torch
     return TrainOutcome(steps=state.global_step, seconds=seconds, trained_tokens=trained_tokens, losses=losses,
                         trainable_params=trainable, total_params=total,
                         stopped_early=bool(getattr(state, "stopped_early", False)))
