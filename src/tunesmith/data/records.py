@@ -178,6 +178,24 @@ def _messages(value: dict[str, Any], columns: dict[str, str]) -> list[dict[str, 
     return messages
 
 
+def record_text(kind: str, data: dict[str, Any], part: str = "all") -> str:
+    """One string for comparing records: the whole row (`all`), or only what the model is asked (`prompt`).
+
+    `prompt` is what leakage is about: an evaluation question that also appears in training, whatever the answer.
+    Classification labels are never part of the text (same text, other label = a conflict, not a different row).
+    """
+    if kind == "chat":
+        turns = data["messages"] if part == "all" else [m for m in data["messages"] if m["role"] != "assistant"]
+        return "\n".join(f"{m['role']}: {m['content']}" for m in turns)
+    if kind == "instruction":
+        fields = ("instruction", "input", "output") if part == "all" else ("instruction", "input")
+        return "\n".join(data[f] for f in fields if data.get(f))
+    if kind == "preference":
+        fields = ("prompt", "chosen", "rejected") if part == "all" else ("prompt",)
+        return "\n".join(data[f] for f in fields)
+    return data["text"]  # text, classification
+
+
 def write_rejects(rejects: list[dict[str, Any]], path: Path) -> None:
     """Write rejects as JSON lines (file, line, reason, row)."""
     path.parent.mkdir(parents=True, exist_ok=True)
