@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from tunesmith import cli_data
 from tunesmith.errors import TunesmithError
 
 
@@ -35,11 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[common, recipe_args], help="fine-tune as the recipe says")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
 
-    data = sub.add_parser("data", parents=[common], help="look at the data as training will see it")
+    data = sub.add_parser("data", parents=[common], help="check, clean, split, balance, grow and preview data")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
-    p = dsub.add_parser("preview", parents=[common, recipe_args],
-                        help="formatted examples with trained tokens marked ⟦…⟧, token counts, truncation")
-    p.add_argument("-n", "--rows", type=int, default=3, help="examples to show (default 3)")
+    cli_data.register(dsub, common, recipe_args)
 
     for name, text in (("generate", "answer prompts with a run's model"), ("chat", "chat with a run's model")):
         p = sub.add_parser(name, parents=[common], help=text)
@@ -113,14 +112,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from tunesmith.recipe import load_recipe
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    _quiet_libraries()
-    from tunesmith.preview import preview
-
-    print(preview(recipe, rows=args.rows))
-    return 0
+    return cli_data.run(args)
 
 
 def cmd_generate(args) -> int:

@@ -30,6 +30,31 @@ class ModelSection(Strict):
     cache_dir: str | None = None  # where the default model's safetensors copy is kept (default ~/.cache/tunesmith)
 
 
+class CheckSection(Strict):
+    """The data check `tunesmith train` runs first (the gate), and the thresholds `tunesmith data check` uses."""
+
+    enabled: bool = True  # run the check before training
+    near_threshold: float = Field(0.8, ge=0.5, le=1.0)  # Jaccard of 5-character shingles that makes a near-duplicate
+    leakage: Literal["stop", "warn"] = "stop"  # training rows that also appear in the validation data
+    max_duplicate_fraction: float = Field(0.05, ge=0.0, le=1.0)  # stop above this share of duplicate training rows
+    min_words: int = Field(2, ge=0)  # rows with fewer words are reported as too short
+
+
+class CleanSection(Strict):
+    """The fixes `tunesmith data clean` applies (flags on the command line override them)."""
+
+    fix_unicode: bool = True  # repair mojibake and broken unicode (ftfy)
+    strip_markup: bool = False  # remove HTML/XML tags and entities
+    normalize_whitespace: bool = True  # collapse runs of spaces, strip line ends
+    remove_control_chars: bool = True  # control and zero-width characters
+    duplicates: Literal["keep", "exact", "near"] = "near"  # drop exact (or exact and near) duplicates, keeping one
+    leaked: Literal["keep", "drop"] = "drop"  # drop training rows that appear in the evaluation data
+    pii: Literal["keep", "redact", "drop"] = "keep"  # personal data and secrets
+    min_words: int = Field(0, ge=0)  # drop rows with fewer words
+    max_tokens: int | None = Field(None, gt=0)  # drop rows longer than this under the recipe's model
+    conflicts: Literal["keep", "drop", "majority"] = "drop"  # the same text with different labels
+
+
 class DataSection(Strict):
     train: str  # JSONL, CSV, Parquet file or a saved `datasets` folder
     validation: str | None = None  # same formats; when absent, a split of `train` is held out
@@ -39,6 +64,9 @@ class DataSection(Strict):
     system_prompt: str | None = None  # added as a system message to every chat/instruction row
     validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # held out when no validation file is given
     max_reject_fraction: float = Field(0.05, ge=0.0, le=1.0)  # stop when a larger share of rows is rejected
+    class_weights: str | None = None  # classification: 'auto' (inverse frequency) or a JSON file from `data balance`
+    check: CheckSection = CheckSection()
+    clean: CleanSection = CleanSection()
 
 
 class TrainSection(Strict):
@@ -152,12 +180,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> tuple[dict, list[str]]:
                 node[part] = {}
             node = node[part]
         node[parts[-1]] = value
-        if key in _PATH_KEYS and isinstance(value, str):  # paths typed on the command line are relative to cwd
+        if key in _PATH_KEYS and isinstance(value, str) and value != "auto":  # paths typed on the command line are relative to cwd
             node[parts[-1]] = str(Path(value).expanduser().resolve())
     return raw, problems
 
 
-_PATH_KEYS = ("data.train", "data.validation", "model.cache_dir", "output.dir")
+_PATH_KEYS = ("data.train", "data.validation", "data.class_weights", "model.cache_dir", "output.dir")
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:
@@ -171,6 +199,8 @@ def _resolve_paths(raw: dict, base: Path) -> None:
         if value.startswith("~"):
             value = node[field] = str(Path(value).expanduser())
         if key == "model.name" and (value == "default" or not (base / value).exists()):
+            continue
+        if key == "data.class_weights" and value == "auto":
             continue
         if not Path(value).expanduser().is_absolute():
             node[field] = str((base / value).resolve())
@@ -269,6 +299,10 @@ def _file_checks(s: dict[str, Any]) -> list[str]:
             if value is not None and not Path(value).exists():
                 out.append(f"`data.{key}`: {value!r} does not exist; give a JSONL, CSV or Parquet file, "
                            "or a saved `datasets` folder")
+        weights = data.class_weights
+        if weights not in (None, "auto") and not Path(weights).is_file():
+            out.append(f"`data.class_weights`: {weights!r} is neither 'auto' nor an existing JSON file "
+                       "(write one with `tunesmith data balance DATA --strategy weights --out weights.json`)")
     model = s.get("model")
     if model and model.name != "default" and not Path(model.name).expanduser().exists():
         out.append(f"`model.name`: {model.name!r} is neither 'default' nor an existing local folder or .gguf file")
@@ -373,6 +407,12 @@ data:
   system_prompt: null    # a system message added to every chat/instruction row
   validation_fraction: 0.1
   max_reject_fraction: 0.05   # stop if more than 5% of rows are malformed (they are listed in rejects.jsonl)
+  class_weights: null    # classification: auto (inverse label frequency) or a file from `tunesmith data balance`
+  check:                 # run before training; `tunesmith data check` shows the full report
+    enabled: true
+    near_threshold: 0.8  # similarity (Jaccard of 5-character shingles) that counts as a near-duplicate
+    leakage: stop        # stop | warn — training rows that also appear in the validation data
+    max_duplicate_fraction: 0.05  # stop when more training rows than this are duplicates of another
 
 method:
   name: sft              # supervised fine-tuning

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 import time
@@ -46,6 +47,8 @@ def train_run(recipe: Recipe, resume: bool = False, callbacks: list | None = Non
     write_rejects(all_rejects, run.rejects)
     echo(data_summary(data.counts(), len(encoded.rejects), stats(encoded.train), recipe, run))
     check_reject_share(data, recipe.data.max_reject_fraction)
+    if recipe.data.check.enabled:
+        check_gate(data, recipe, run, echo)
     timings["data_seconds"] = round(time.time() - t, 2)
 
     from tunesmith.methods.common import Job
@@ -91,6 +94,24 @@ def train_run(recipe: Recipe, resume: bool = False, callbacks: list | None = Non
     return manifest
 
 
+def check_gate(data, recipe: Recipe, run: RunDir, echo: Callable[[str], None]) -> None:
+    """Check the training data (duplicates; leakage into a validation file) and stop on what the recipe forbids."""
+    from tunesmith.data.check import CheckOptions, gate
+
+    c = recipe.data.check
+    options = CheckOptions(near_threshold=c.near_threshold, min_words=c.min_words, leakage=c.leakage,
+                           max_duplicate_fraction=c.max_duplicate_fraction, system_prompt=recipe.data.system_prompt)
+    against = data.loads[1:] if data.validation_source == "file" else None  # a split of ours can't leak
+    report = gate(data.loads[:1], against, options, run.root)
+    dup = report["duplicates"]
+    line = (f"data check: {dup['duplicate_rows']} duplicate training rows ({dup['duplicate_fraction']:.1%}, "
+            f"limit {c.max_duplicate_fraction:.1%})")
+    if "leakage" in report:
+        line += f"; {report['leakage']['train_rows']} rows leak into the validation file"
+    warnings = [p["message"] for p in report["problems"] if p["severity"] == "warning"]
+    echo(line + (f"; {len(warnings)} warnings" if warnings else "") + f" (report: {run.root / 'data_check.html'})")
+
+
 def prepare_run_dir(recipe: Recipe, resume: bool) -> RunDir:
     """Create (or, to resume, re-open) the run folder; refuse to clobber a finished run unless told."""
     run = RunDir(Path(recipe.output.dir))
@@ -114,10 +135,17 @@ def prepare_run_dir(recipe: Recipe, resume: bool) -> RunDir:
 def encode_rows(data, tokenizer, recipe: Recipe) -> EncodedData:
     """Format every record; a row left with no trained tokens after truncation becomes a reject."""
     train_on = getattr(recipe.method, "train_on", "responses")
+    weights = {}
+    if recipe.data.class_weights and data.kind == "classification":
+        from tunesmith.data.balance import load_class_weights
+
+        weights = load_class_weights(recipe.data.class_weights, data.train)
     out = EncodedData([], [], [])
     for records, target in ((data.train, out.train), (data.validation, out.validation)):
         for record in records:
             enc = encode(record, tokenizer, recipe.train.max_seq_len, train_on, recipe.data.system_prompt)
+            if weights and target is out.train:  # validation loss stays unweighted: it measures the real task
+                enc = dataclasses.replace(enc, weight=weights[record.data["label"]])
             if enc.trained_tokens == 0:
                 out.rejects.append({"file": record.source, "line": record.line,
                                     "reason": f"no trained tokens left after truncation to "

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import random
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +54,8 @@ def prepare_data(data, seed: int, allowed_kinds: tuple[str, ...] | None = None) 
         loads.append(val)
         train_rows, val_rows, source = train.records, val.records, "file"
     else:
-        train_rows, val_rows = validation_split(train.records, data.validation_fraction, seed)
+        train_rows, val_rows = validation_split(train.records, data.validation_fraction, seed,
+                                                data.check.near_threshold)
         source = "split"
     return PreparedData(train.kind, train_rows, val_rows, loads, labels, source)
 
@@ -76,31 +75,19 @@ def check_reject_share(prepared: PreparedData, max_fraction: float) -> None:
                         "see rejects.jsonl for why each row was rejected")
 
 
-def validation_split(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+def validation_split(records: list[Record], fraction: float, seed: int,
+                     threshold: float = 0.8) -> tuple[list[Record], list[Record]]:
     """Deterministically hold out `fraction` of the records; per label for classification (stratified).
 
-    Rows with identical content land on the same side, so the split itself can't leak a row into validation.
+    Exact and near duplicates land on the same side (see data/split.py), so the split itself can't leak a row
+    into validation.
     """
     if fraction <= 0 or len(records) < 2:
         return list(records), []
-    groups: dict[str, list[Record]] = defaultdict(list)
-    for record in records:
-        groups[record.data.get("label", "") if record.kind == "classification" else ""].append(record)
-    held: set[str] = set()
-    for key in sorted(groups):
-        contents = sorted({_content_key(r) for r in groups[key]})
-        random.Random(f"{seed}:{key}").shuffle(contents)
-        n = round(len(contents) * fraction)
-        if n == 0 and len(contents) >= 2 and fraction > 0:
-            n = 1
-        held.update(contents[:n])
-    train = [r for r in records if _content_key(r) not in held]
-    val = [r for r in records if _content_key(r) in held]
-    return train, val
+    from tunesmith.data.split import split_records
 
-
-def _content_key(record: Record) -> str:
-    return hashlib.sha1(repr(sorted(record.data.items())).encode("utf-8")).hexdigest()
+    parts = split_records(records, {"train": 1 - fraction, "validation": fraction}, seed, threshold)
+    return parts["train"], parts["validation"]
 
 
 def file_sha256(path: str | Path) -> str:

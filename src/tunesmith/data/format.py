@@ -23,6 +23,7 @@ class Encoded:
     labels: list[int]
     truncated: bool
     full_length: int
+    weight: float = 1.0  # the row's loss weight (class weights for classification; 1 otherwise)
 
     @property
     def trained_tokens(self) -> int:

@@ -133,3 +133,32 @@ def _datasets(path: Path) -> Iterator[RawRow]:
         ds = ds["train"]
     for number, row in enumerate(ds, start=1):
         yield RawRow(number, dict(row))
+
+
+def write_rows(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write rows to a JSONL, CSV/TSV or Parquet file (by its suffix), atomically."""
+    path = Path(path)
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{path}: can't write {path.suffix!r} files", "name the output .jsonl, .csv or .parquet")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if kind == "jsonl":
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    elif kind == "csv":
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            writer = csv.DictWriter(fh, columns, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: v if isinstance(v, str) or v is None else json.dumps(v, ensure_ascii=False)
+                                 for k, v in row.items()})
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+    tmp.replace(path)
+    return path

@@ -33,6 +33,12 @@ class Record:
     data: dict[str, Any]
     source: str
     line: int
+    raw: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # the row as read, every column
+
+    def marker(self) -> str | None:
+        """'augmented', 'upsampled' or 'synthetic' when the row says it was made by tunesmith, else None."""
+        raw = self.raw or {}
+        return next((k for k in ("augmented", "upsampled", "synthetic") if raw.get(k)), None)
 
 
 @dataclass
@@ -53,8 +59,11 @@ class LoadResult:
         return Counter(r["reason"].split(":")[0] for r in self.rejects)
 
 
-class _Reject(Exception):
-    pass
+class RowRejected(Exception):
+    """A row that can't become a record; the message is the reason written to the rejects file."""
+
+
+_Reject = RowRejected
 
 
 def load_records(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None,
@@ -77,7 +86,7 @@ def load_records(path: str | Path, fmt: str = "auto", columns: dict[str, str] | 
         except _Reject as exc:
             result.rejects.append(_reject(path, row.line, str(exc), row.value))
             continue
-        result.records.append(Record(kind, data, str(path), row.line))
+        result.records.append(Record(kind, data, str(path), row.line, row.value))
     return result
 
 

@@ -34,10 +34,33 @@ class Job:
 
 
 def to_dataset(rows: list[Encoded]):
-    """A `datasets.Dataset` of input_ids and labels."""
+    """A `datasets.Dataset` of input_ids and labels (and `weight` when some row's loss weight isn't 1)."""
     from datasets import Dataset
 
-    return Dataset.from_dict({"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]})
+    columns = {"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]}
+    if any(r.weight != 1.0 for r in rows):
+        columns["weight"] = [r.weight for r in rows]
+    return Dataset.from_dict(columns)
+
+
+class WeightedCollator:
+    """Wraps a collator: takes each example's `weight` out before it and puts a `weights` tensor in the batch."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples):
+        import torch
+
+        weights = [float(e.get("weight", 1.0)) for e in examples]
+        batch = self.inner([{k: v for k, v in e.items() if k != "weight"} for e in examples])
+        if any(w != 1.0 for w in weights):
+            w = torch.tensor(weights)
+            if batch["input_ids"].shape[0] != len(examples):  # padding-free: one row of concatenated examples
+                lengths = torch.tensor([len(e["input_ids"]) for e in examples])
+                w = torch.repeat_interleave(w, lengths).unsqueeze(0)  # a weight per token
+            batch["weights"] = w
+        return batch
 
 
 def trainer_arguments(job: Job) -> dict[str, Any]:
@@ -178,15 +201,20 @@ def trained_token_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
     labels = inputs["labels"]
     shifted = labels[:, 1:]
     keep = (shifted != -100).any(dim=0).nonzero().flatten()
-    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "weights")}
     model_inputs["use_cache"] = False
     if keep.numel() == 0:
         keep = torch.zeros(1, dtype=torch.long, device=labels.device)
     logits = model(**model_inputs, logits_to_keep=keep).logits
     targets = shifted[:, keep]
     count = (targets != -100).sum()
-    total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
-                            reduction="sum")
+    per_token = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                ignore_index=-100, reduction="none").view_as(targets)
+    weights = inputs.get("weights")
+    if weights is not None:  # class weights: each row's tokens count `weight` times (see data/balance.py)
+        w = weights[:, 1:][:, keep] if weights.dim() == 2 else weights.unsqueeze(1)
+        per_token = per_token * w.to(device=per_token.device, dtype=per_token.dtype)
+    total = per_token.sum()
     denominator = num_items_in_batch if num_items_in_batch is not None else count
     loss = total / torch.as_tensor(denominator, device=total.device).clamp(min=1)
     with torch.no_grad():

@@ -32,7 +32,8 @@ def train(job) -> TrainOutcome:
     """Train with SFT and save `adapter/` (LoRA) or `model/` (full) into the run folder."""
     from trl import SFTConfig
 
-    from tunesmith.methods.common import EarlyStopping, MetricsCallback, run_trainer, to_dataset, trainer_arguments
+    from tunesmith.methods.common import (EarlyStopping, MetricsCallback, WeightedCollator, run_trainer, to_dataset,
+                                          trainer_arguments)
 
     params: SFTParams = job.recipe.method
     model = build_model(job, params)
@@ -44,6 +45,7 @@ def train(job) -> TrainOutcome:
     trainer = _trainer_class()(model=model, args=config, train_dataset=to_dataset(job.train_rows),
                          eval_dataset=to_dataset(job.validation_rows) if job.validation_rows else None,
                          processing_class=job.tokenizer, callbacks=callbacks)
+    trainer.data_collator = WeightedCollator(trainer.data_collator)
     outcome = run_trainer(job, trainer, model)
     outcome.saved = save(job, trainer.model, params)
     return outcome
