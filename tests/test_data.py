@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -374,8 +375,8 @@ def test_label_not_in_the_label_set(tmp_path):
 
 
 def classification_file(path: Path, rows_per_label: dict[str, int], bad: int = 0) -> Path:
-    rows = [{"text": f"{label} example {i}", "label": label}
-            for label, n in rows_per_label.items() for i in range(n)]
+    rows = [{"text": f"{label} example {hashlib.sha1(f'{label}{i}'.encode()).hexdigest()[:16]}", "label": label}
+            for label, n in rows_per_label.items() for i in range(n)]  # distinct, not near-duplicates
     rows += ["{not json"] * bad
     return write_jsonl(path, rows)
 
@@ -505,7 +506,8 @@ def test_identical_rows_never_straddle_the_split():
     val_texts = {r.data["text"] for r in val}
     assert train_texts.isdisjoint(val_texts)
     assert len(train) + len(val) == 61
-    assert len(val_texts) == 10  # a quarter of the 40 distinct contents
+    # about a quarter of the 61 rows, filled with whole groups (a row and its copies) without passing the target
+    assert 13 <= len(val) <= round(61 * 0.25) and len(val_texts) >= 7
 
 
 @pytest.mark.parametrize("fraction", [0.0, -0.5])

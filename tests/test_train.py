@@ -111,7 +111,7 @@ def test_run_folder_contents_and_plain_library_reload(tmp_path, tiny_model_dir, 
     weights = "adapter" if adapter == "lora" else "model"
     assert sorted(p.name for p in run.iterdir()) == sorted(
         ["recipe.yaml", "manifest.json", weights, "tokenizer", "generation_config.json", "metrics.jsonl",
-         "tensorboard", "checkpoints", "rejects.jsonl"])
+         "tensorboard", "checkpoints", "rejects.jsonl", "data_check.json", "data_check.html"])
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["checkpoint-2"]
     if adapter == "lora":
         assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (run / "adapter").iterdir()}

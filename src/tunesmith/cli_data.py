@@ -74,10 +74,8 @@ def register(dsub, common: argparse.ArgumentParser, recipe_args: argparse.Argume
                    "largest for up)")
     p.add_argument("--seed", type=int, default=42)
 
-    try:
-        from tunesmith import cli_synth
-    except ImportError:  # synthetic data commands not installed in this build
-        return
+    from tunesmith import cli_synth
+
     cli_synth.register(dsub, common, reading)
 
 
@@ -269,10 +267,7 @@ DATA_COMMANDS = {"preview": cmd_preview, "check": cmd_check, "clean": cmd_clean,
 
 def run(args) -> int:
     """Dispatch `tunesmith data SUBCOMMAND`."""
-    command = DATA_COMMANDS.get(args.data_command)
-    if command is None:
-        from tunesmith import cli_synth
+    from tunesmith import cli_synth
 
-        command = cli_synth.COMMANDS[args.data_command]
-    return command(args)
+    return {**DATA_COMMANDS, **cli_synth.COMMANDS}[args.data_command](args)
 

@@ -7,7 +7,6 @@ Run the fixers in this order: fix_unicode, strip_markup, remove_control_chars, n
 
 from __future__ import annotations
 
-import difflib
 import html
 import ipaddress
 import re
@@ -77,30 +76,42 @@ def _mojibake(text: str) -> list[Finding]:
 
 
 def _changed_spans(original: str, fixed: str) -> list[tuple[int, int]]:
-    """Spans of `original` that differ from `fixed`, adjacent ones merged."""
-    if original == fixed:
-        return []
-    head = len(_common_prefix(original, fixed))
-    tail = len(_common_prefix(original[head:][::-1], fixed[head:][::-1]))
-    a, b = original[head:len(original) - tail], fixed[head:len(fixed) - tail]
+    """Spans of `original` that the repair changed, adjacent ones merged.
+
+    Repairs are short local replacements, so after each difference the two texts fall back into step within a
+    few characters: a linear walk, where a general diff would be quadratic on long texts.
+    """
     spans: list[tuple[int, int]] = []
-    for tag, i1, i2, _, _ in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
-        if tag == "equal" or i1 == i2:
-            continue
-        if spans and spans[-1][1] == head + i1:
-            spans[-1] = (spans[-1][0], head + i2)
-        else:
-            spans.append((head + i1, head + i2))
-    return spans or [(head, max(head + 1, len(original) - tail))]
-
-
-def _common_prefix(a: str, b: str) -> str:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
+    i = j = 0
+    while i < len(original) or j < len(fixed):
+        i, j = _skip_equal(original, i, fixed, j)
+        if i == len(original) and j == len(fixed):
             break
-        n += 1
-    return a[:n]
+        k, l = _resync(original, i, fixed, j)
+        a, b = (i, i + k) if k else (max(i - 1, 0), min(i + 1, len(original)))  # an insertion marks its neighbours
+        if spans and spans[-1][1] >= a:
+            spans[-1] = (spans[-1][0], max(b, spans[-1][1]))
+        else:
+            spans.append((a, b))
+        i, j = i + k, j + l
+    return spans
+
+
+def _skip_equal(original: str, i: int, fixed: str, j: int) -> tuple[int, int]:
+    while i < len(original) and j < len(fixed) and original[i] == fixed[j]:
+        step = 64 if original[i:i + 64] == fixed[j:j + 64] and i + 64 <= len(original) else 1
+        i, j = i + step, j + step
+    return i, j
+
+
+def _resync(original: str, i: int, fixed: str, j: int, window: int = 3) -> tuple[int, int]:
+    """The fewest characters (k of `original`, l of `fixed`) to skip before the texts agree again."""
+    for distance in range(1, 33):
+        for k in range(min(distance, 24), -1, -1):
+            l = distance - k
+            if l <= 8 and original[i + k:i + k + window] == fixed[j + l:j + l + window]:
+                return k, l
+    return len(original) - i, len(fixed) - j
 
 
 def fix_unicode(text: str) -> str:

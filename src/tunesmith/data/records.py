@@ -38,6 +38,9 @@ class Record:
     def marker(self) -> str | None:
         """'augmented', 'upsampled' or 'synthetic' when the row says it was made by tunesmith, else None."""
         raw = self.raw or {}
+        review = raw.get("_review")
+        if isinstance(review, dict) and review.get("origin") == "synth":
+            return "synthetic"
         return next((k for k in ("augmented", "upsampled", "synthetic") if raw.get(k)), None)
 
 
@@ -79,6 +82,12 @@ def load_records(path: str | Path, fmt: str = "auto", columns: dict[str, str] | 
         if row.error is not None:
             result.rejects.append(_reject(path, row.line, row.error, row.text))
             continue
+        if "_review" in row.value:  # a review file from `tunesmith data synth`: only accepted rows train
+            review = row.value["_review"]
+            status = review.get("status", "missing") if isinstance(review, dict) else "missing"
+            if status != "accepted":
+                result.rejects.append(_reject(path, row.line, f"not accepted in review: {status}", row.value))
+                continue
         try:
             data = convert(row.value, kind, columns)
             if allowed is not None and kind == "classification" and data["label"] not in allowed:
@@ -104,6 +113,10 @@ def _jsonable(value: Any) -> Any:
 
 def detect_kind(rows: list[RawRow], columns: dict[str, str], path: Path) -> str:
     """Guess the record type from the keys of the first readable rows."""
+    for row in rows[:1]:  # a review file says what it holds
+        review = (row.value or {}).get("_review")
+        if isinstance(review, dict) and review.get("kind") in FIELDS:
+            return review["kind"]
     keys: set[str] = set()
     for row in rows[:50]:
         if row.value is not None:

@@ -53,7 +53,7 @@ def convert_row(kind: str, value: dict[str, Any], columns: dict[str, str] | None
     """(canonical fields, None) when `value` is a usable row of `kind`, else (None, the loader's reject reason)."""
     try:
         data = records.convert(value, kind, columns or {})
-    except records._Reject as exc:  # the loader's reject reasons, word for word
+    except records.RowRejected as exc:  # the loader's reject reasons, word for word
         return None, str(exc)
     if labels and kind == "classification" and data["label"] not in labels:
         return None, f"label not in the label set: {data['label']!r} (allowed: {', '.join(labels)})"

@@ -79,8 +79,7 @@ def split_records(records: list[Record], fractions: dict[str, float], seed: int,
             targets[name] = n
         filled = dict.fromkeys(names[1:], 0)
         for group in groups:
-            home = next((n for n in names[1:] if filled[n] < targets[n]
-                         and (filled[n] + len(group) <= targets[n] or filled[n] == 0)), names[0])
+            home = next((n for n in names[1:] if filled[n] + len(group) <= targets[n]), names[0])
             if home != names[0]:
                 filled[home] += len(group)
             parts[home].extend(group)
