@@ -209,6 +209,11 @@ def test_redact_pii_replaces_with_placeholders_and_counts_by_kind():
         redact_pii(text, kinds=["emails"])
 
 
+def test_redact_pii_also_catches_what_a_placeholder_frees():
+    # The phone is glued to the card; once the card is a placeholder the phone stands alone and goes too.
+    assert redact_pii("4111 1111 1111 1111+44 20 7946 0958") == ("[CARD][PHONE]", Counter(card=1, phone=1))
+
+
 ALL_SAMPLES = list(QUALITY_SAMPLES) + list(PII_SAMPLES) + CLEAN_TRAPS
 
 
@@ -261,6 +266,15 @@ def test_boilerplate_counts_rows_not_lines_and_skips_whole_row_repeats():
 def test_module_does_not_import_torch():
     code = "import sys, tunesmith.data.quality; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_long_texts_stay_linear():
+    text = "Le cafÃ© <b>x</b> a@b.io 10.0.0.1 " * 2000
+    started = time.perf_counter()
+    assert Counter(f.kind for f in text_issues(text)) == Counter(mojibake=2000, markup=4000)
+    assert Counter(f.kind for f in find_pii(text)) == Counter(email=2000, ip=2000)
+    assert fix_unicode(text) == text.replace("Ã©", "é")
+    assert time.perf_counter() - started < 30  # quadratic diffs or overlap checks would take minutes
 
 
 def test_checking_ten_thousand_short_texts_is_cheap():

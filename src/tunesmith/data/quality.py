@@ -7,6 +7,7 @@ Run the fixers in this order: fix_unicode, strip_markup, remove_control_chars, n
 
 from __future__ import annotations
 
+import bisect
 import html
 import ipaddress
 import re
@@ -42,11 +43,14 @@ def _finding(kind: str, text: str, start: int, end: int) -> Finding:
 
 def _non_overlapping(findings: Iterable[Finding], preference) -> list[Finding]:
     """Keep the most preferred findings (lowest `preference` key) that overlap no kept one; sorted by start."""
+    starts: list[int] = []  # kept findings, in text order
     kept: list[Finding] = []
     for f in sorted(findings, key=preference):
-        if all(f.end <= k.start or f.start >= k.end for k in kept):
-            kept.append(f)
-    return sorted(kept, key=lambda f: (f.start, f.end))
+        at = bisect.bisect_right(starts, f.start)
+        if (at == 0 or kept[at - 1].end <= f.start) and (at == len(kept) or f.end <= kept[at].start):
+            starts.insert(at, f.start)
+            kept.insert(at, f)
+    return kept
 
 
 # ------------------------------------------------------------------------------------------- mojibake (ftfy)
@@ -222,8 +226,12 @@ def text_issues(text: str) -> list[Finding]:
     Sorted by start. A control character inside a mojibake span is part of that finding, not a finding of its own.
     """
     mojibake = _mojibake(text)
+    starts = [m.start for m in mojibake]
     findings = mojibake + [f for f, _ in _markup(text)]
-    findings += [f for f in _control_chars(text) if not any(m.start <= f.start < m.end for m in mojibake)]
+    for f in _control_chars(text):
+        at = bisect.bisect_right(starts, f.start) - 1
+        if at < 0 or mojibake[at].end <= f.start:
+            findings.append(f)
     return sorted(findings, key=lambda f: (f.start, f.end, f.kind))
 
 
