@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 import re
 import socket
 import threading
@@ -175,8 +176,11 @@ def test_synth_from_seeds_checks_every_row_and_writes_the_review_file(server, se
     path, summary = result.write(tmp / "review.jsonl")
     assert summary.name == "review.summary.json" and json.loads(summary.read_text()) == result.summary
     assert read_review(path) == result.rows
-    loaded = load_records(path)  # a review file reads like ordinary data: canonical fields at the top level
-    assert loaded.kind == "instruction" and len(loaded.records) == 9 and len(loaded.rejects) == 2
+    loaded = load_records(path)  # nothing is accepted yet: every row of a review file stays out of training
+    assert loaded.kind == "instruction" and loaded.records == []
+    assert Counter(r["reason"] for r in loaded.rejects) == Counter({
+        "not accepted in review: pending": sum(r["_review"]["status"] == "pending" for r in result.rows),
+        "not accepted in review: rejected": sum(r["_review"]["status"] == "rejected" for r in result.rows)})
 
 
 def test_synth_without_an_api_key_sends_no_auth_header_and_stops_at_the_budget(server, seed_data, monkeypatch):
