@@ -50,6 +50,40 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=256)
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
 
+    p = sub.add_parser("eval", parents=[common], help="tuned vs base vs few-shot on the same held-out rows, "
+                       "with confidence intervals, forgetting and leakage checks")
+    p.add_argument("run", help="run folder written by `tunesmith train`")
+    p.add_argument("--data", default=None, help="data file to evaluate on (default: the rows the run held out)")
+    p.add_argument("--against", default="base,fewshot",
+                   help="comparisons: base, fewshot and/or other run folders, comma-separated (default base,fewshot)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    p.add_argument("--shots", type=int, default=4, help="in-context examples for the few-shot baseline (default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--include-leaked", action="store_true", help="keep rows that match training rows (reported "
+                   "either way)")
+    p.add_argument("--no-forgetting", action="store_true", help="skip the general-ability (forgetting) check")
+    p.add_argument("--name", default=None, help="folder under RUN/eval/ (default: the data file's name or heldout)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("report", parents=[common], help="write RUN/report.html: curves, evaluations, human review, "
+                       "data check (one file, opens offline)")
+    p.add_argument("run", help="run folder written by `tunesmith train`")
+
+    p = sub.add_parser("review", parents=[common], help="blinded pairwise human review of two runs (or a run and its "
+                       "base) in a local web page; votes kept in RUN_A/review/")
+    p.add_argument("run_a", help="run folder")
+    p.add_argument("run_b", help="another run folder, or 'base' for RUN_A's untouched base model")
+    p.add_argument("--data", default=None, help="rows whose prompts are answered (any data file tunesmith reads)")
+    p.add_argument("--limit", type=int, default=None, help="review the first N prompts")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="seeds which answer is shown on the left")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765, help="port (0 = any free port)")
+    p.add_argument("--reviewer", default=None, help="your name (the page asks otherwise)")
+    p.add_argument("--results", action="store_true", help="print the win rate so far and exit")
+    p.add_argument("--export", default=None, metavar="CSV", help="write every vote to CSV and exit")
+
     p = sub.add_parser("export", parents=[common], help="write a standalone model folder")
     p.add_argument("run")
     p.add_argument("--merge", action="store_true", required=True, help="merge the adapter into the base weights")
@@ -108,6 +142,7 @@ def cmd_train(args) -> int:
     from tunesmith.train import train_run
 
     train_run(recipe, resume=args.resume)
+    _write_report(recipe.output.dir)
     return 0
 
 
@@ -135,6 +170,68 @@ def cmd_chat(args) -> int:
 
     chat_loop(load_run(args.run, base=args.base), system_prompt=args.system,
               max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from tunesmith.evaluation.runner import EvalOptions, check_run
+
+    check_run(args.run)
+    against = tuple(x.strip() for x in args.against.split(",") if x.strip())
+    options = EvalOptions(data=args.data, against=against, limit=args.limit, shots=args.shots,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                          include_leaked=args.include_leaked, forgetting=not args.no_forgetting, seed=args.seed,
+                          name=args.name)
+    _quiet_libraries()
+    from tunesmith.evaluation.runner import evaluate_run
+    from tunesmith.evaluation.view import results_text
+
+    results = evaluate_run(args.run, options)
+    print(results_text(results))
+    print(f"wrote {results['folder']}/results.json, examples.jsonl" +
+          (", regressions.jsonl" if "regressions" in results else ""))
+    _write_report(args.run)
+    return 0
+
+
+def _write_report(run) -> None:
+    """Refresh RUN/report.html (after train and after eval)."""
+    from tunesmith.report import write_report
+
+    print(f"report: {write_report(run)}")
+
+
+def cmd_report(args) -> int:
+    _write_report(args.run)
+    return 0
+
+
+def cmd_review(args) -> int:
+    import threading
+
+    from tunesmith import review_app as ra
+
+    db = ra.review_db_path(args.run_a, args.run_b)
+    if args.results or args.export:  # read what is there; generate nothing
+        if not db.exists():
+            raise TunesmithError(f"{db}: no review yet", "start one with --data FILE")
+        if args.export:
+            print(f"wrote {ra.export_csv(db, args.export)}")
+        print(ra.format_results(ra.review_results(db)))
+        return 0
+    if not args.data:
+        raise TunesmithError("--data is required to start or continue a review",
+                             "give the file whose prompts both systems answer, e.g. --data heldout.jsonl")
+    _quiet_libraries()
+    db = ra.prepare_review(args.run_a, args.run_b, args.data, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                           seed=args.seed)
+    server = ra.serve_review(db, host=args.host, port=args.port, reviewer=args.reviewer)
+    print(f"review at {server.url} — keys 1 / 2 / t; Ctrl+C stops (every vote is saved as you go)")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.stop()
+    print(ra.format_results(ra.review_results(db)))
     return 0
 
 
@@ -170,4 +267,6 @@ def _quiet_libraries() -> None:
 
 
 COMMANDS = {"init": cmd_init, "validate": cmd_validate, "train": cmd_train, "data": cmd_data,
-            "generate": cmd_generate, "chat": cmd_chat, "export": cmd_export, "methods": cmd_methods}
+            "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "report": cmd_report,
+            "review": cmd_review, "export": cmd_export,
+            "methods": cmd_methods}

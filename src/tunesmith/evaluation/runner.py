@@ -1,0 +1,337 @@
+"""`tunesmith eval RUN`: the tuned model against the base model, few-shot prompting and other runs, on the same rows.
+
+Read top to bottom: the rows (by default the split the run held out), the leakage guard (rows that match the
+run's training rows are excluded), each system's predictions (label scoring for classification, batched greedy
+generation otherwise, token log-likelihood for plain text), the metrics, paired-bootstrap differences, per-example
+wins and losses, the forgetting check, and the files under RUN/eval/NAME/.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tunesmith import artifacts
+from tunesmith.artifacts import open_run
+from tunesmith.data import prepare_data
+from tunesmith.data.format import prompt_messages, to_messages
+from tunesmith.data.records import Record, load_records, record_text
+from tunesmith.errors import DataError, RunError
+
+TASKS = {"classification": "classification", "chat": "generation", "instruction": "generation", "text": "lm"}
+PRIMARY = {"classification": "accuracy", "generation": "rougeL", "lm": "perplexity"}
+GENERAL = Path(__file__).parent / "general"
+
+
+@dataclass
+class EvalOptions:
+    """What to evaluate and how."""
+
+    data: str | None = None  # a data file; default: the rows the run held out
+    against: tuple[str, ...] = ("base", "fewshot")  # base, fewshot, or other run folders
+    limit: int | None = None
+    shots: int = 4  # in-context examples for the few-shot baseline
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    include_leaked: bool = False
+    forgetting: bool = True
+    forgetting_threshold: float = 0.10  # warn when the tuned model loses more than this (relative) on the general set
+    n_resamples: int = 1000
+    seed: int = 0
+    name: str | None = None  # folder under RUN/eval/ (default: the data file's stem, or 'heldout')
+
+
+@dataclass
+class EvalRows:
+    """The rows every system answers, what was excluded, and where they came from."""
+
+    kind: str
+    rows: list[Record]
+    source: str
+    excluded: list[dict[str, Any]] = field(default_factory=list)
+    labels: list[str] | None = None
+    train: list[Record] = field(default_factory=list)
+    system_prompt: str | None = None
+
+
+def evaluate_run(run_path: str | Path, options: EvalOptions | None = None,
+                 echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate a run folder; write RUN/eval/NAME/{results.json, examples.jsonl, regressions.jsonl}; return results."""
+    options = options or EvalOptions()
+    started = time.time()
+    run = open_run(run_path)
+    rows = eval_rows(run, options)
+    task = TASKS.get(rows.kind)
+    if task is None:
+        raise DataError(f"{rows.source}: {rows.kind} rows can't be evaluated by an SFT run",
+                        "preference data is scored by a reward-model run (method: reward)")
+    echo(f"evaluating {run.root} on {len(rows.rows)} rows of {rows.source} ({rows.kind}; "
+         f"{len(rows.excluded)} excluded as leaked from training)")
+    systems = system_specs(run, options)
+    per_example: dict[str, list[dict[str, Any]]] = {}
+    outputs: dict[str, list[Any]] = {}
+    for name, spec in systems.items():
+        t = time.time()
+        outputs[name], per_example[name] = run_system(spec, systems, rows, task, options)
+        echo(f"  {name}: {len(rows.rows)} rows in {time.time() - t:.1f} s")
+    results = summarize(rows, task, per_example, outputs, options)
+    if options.forgetting and task != "lm":
+        results["forgetting"] = forgetting_check(systems, options, echo)
+    results["seconds"] = round(time.time() - started, 1)
+    out = run.root / "eval" / (options.name or (Path(options.data).stem if options.data else "heldout"))
+    write_outputs(out, rows, task, per_example, outputs, results)
+    results["folder"] = str(out)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------- rows
+
+
+def eval_rows(run, options: EvalOptions) -> EvalRows:
+    """The evaluation rows: `options.data`, or the split the run held out; minus rows leaked from training."""
+    from tunesmith.recipe import load_recipe
+
+    recipe = load_recipe(run.recipe, check_files=False)
+    data = prepare_data(recipe.data, recipe.train.seed)
+    if options.data:
+        load = load_records(options.data, data.kind, recipe.data.columns, data.labels)
+        rows, source = load.records, options.data
+        if load.rejects:
+            raise DataError(f"{options.data}: {len(load.rejects)} rows can't be read as {data.kind} rows "
+                            f"(first: line {load.rejects[0]['line']}: {load.rejects[0]['reason']})",
+                            "fix or remove them; `tunesmith data check` lists them all")
+    else:
+        rows = data.validation
+        source = f"the run's held-out rows ({'validation file' if data.validation_source == 'file' else 'split'})"
+        if not rows:
+            raise DataError(f"{run.root}: the run held out no rows", "give --data FILE")
+    if options.limit:
+        rows = rows[:options.limit]
+    kept, excluded = leakage_guard(rows, data.train, recipe.data.check.near_threshold)
+    if options.include_leaked:  # keep them, but still report them
+        kept = rows
+    if not kept:
+        raise DataError(f"{source}: every row matches a training row", "evaluate on data the run did not train on")
+    return EvalRows(data.kind, kept, source, excluded, data.labels, data.train, recipe.data.system_prompt)
+
+
+def leakage_guard(rows: list[Record], train: list[Record], threshold: float) -> tuple[list[Record], list[dict]]:
+    """Split rows into those that don't match any training row (by prompt) and those that do (with the match)."""
+    from tunesmith.data.dedup import cross_matches
+
+    matches = cross_matches([record_text(r.kind, r.data, "prompt") for r in rows],
+                            [record_text(r.kind, r.data, "prompt") for r in train], threshold=threshold)
+    hit: dict[int, Any] = {}
+    for m in matches:
+        hit.setdefault(m.a, m)
+    excluded = [{"file": rows[i].source, "line": rows[i].line, "train_file": train[m.b].source,
+                 "train_line": train[m.b].line, "similarity": round(m.similarity, 3), "exact": m.exact}
+                for i, m in sorted(hit.items())]
+    return [r for i, r in enumerate(rows) if i not in hit], excluded
+
+
+# ----------------------------------------------------------------------------------------------- systems
+
+
+@dataclass
+class SystemSpec:
+    """How to get one system's answers: which weights, and whether prompts carry in-context examples."""
+
+    name: str
+    path: str
+    base: bool = False
+    shots: int = 0
+    loaded: Any = None
+
+
+def system_specs(run, options: EvalOptions) -> dict[str, SystemSpec]:
+    """tuned first, then each comparison in the order given."""
+    specs = {"tuned": SystemSpec("tuned", str(run.root))}
+    for item in options.against:
+        if item == "base":
+            specs["base"] = SystemSpec("base", str(run.root), base=True)
+        elif item == "fewshot":
+            specs["fewshot"] = SystemSpec("fewshot", str(run.root), base=True, shots=options.shots)
+        else:
+            other = open_run(item)
+            name = other.root.name if other.root.name not in specs else str(other.root)
+            specs[name] = SystemSpec(name, str(other.root))
+    return specs
+
+
+def load_system(spec: SystemSpec, specs: dict[str, SystemSpec] | None = None):
+    """Load (once) the weights a system needs; base and fewshot share one copy."""
+    from tunesmith.generate import load_run
+    from tunesmith.model import pick_precision
+
+    if spec.loaded is None:
+        twin = next((s for s in (specs or {}).values() if s.loaded is not None and s.path == spec.path
+                     and s.base == spec.base), None)
+        if twin is not None:
+            spec.loaded = twin.loaded
+        else:
+            import torch
+
+            dtype = torch.bfloat16 if pick_precision("auto") == "bf16" else None
+            spec.loaded = load_run(spec.path, base=spec.base, dtype=dtype)
+    return spec.loaded
+
+
+def run_system(spec: SystemSpec, systems: dict[str, SystemSpec], rows: EvalRows, task: str,
+               options: EvalOptions) -> tuple[list[Any], list[dict[str, Any]]]:
+    """One system's prediction for every row and its per-example scores."""
+    from tqdm.auto import tqdm
+
+    from tunesmith.evaluation.metrics import example_scores
+    from tunesmith.evaluation.scoring import generate_sorted, score_labels, text_nll
+
+    loaded = load_system(spec, systems)
+    if task == "lm":
+        nll = text_nll(loaded, [r.data["text"] for r in rows.rows], batch_size=options.batch_size)
+        return [n for n in nll], [{"nll": s, "tokens": n} for s, n in nll]
+    prompts = [with_shots(r, rows.train, spec.shots, options.seed, rows.system_prompt) for r in rows.rows]
+    bar = tqdm(total=len(prompts), desc=spec.name, unit="row", leave=False)
+    if task == "classification":
+        scores = score_labels(loaded, prompts, rows.labels, batch_size=options.batch_size,
+                              progress=lambda n: bar.update(n / len(rows.labels)))
+        preds = [max(s, key=s.get) for s in scores]
+        per = [{**example_scores("classification", p, [r.data["label"]]), "gold": r.data["label"], "pred": p}
+               for p, r in zip(preds, rows.rows)]
+    else:
+        preds = generate_sorted(loaded, prompts, options.max_new_tokens, options.batch_size, progress=bar.update)
+        per = [example_scores("generation", p, references(r)) for p, r in zip(preds, rows.rows)]
+    bar.close()
+    return preds, per
+
+
+def with_shots(record: Record, train: list[Record], shots: int, seed: int,
+               system_prompt: str | None = None) -> list[dict[str, str]]:
+    """The prompt for a row, preceded by `shots` solved examples from the training rows (seeded, per row)."""
+    prompt = prompt_messages(record, system_prompt)
+    if not shots or not train:
+        return prompt
+    rng = random.Random(f"{seed}:{record.source}:{record.line}")
+    own = record_text(record.kind, record.data, "prompt")
+    pool = [r for r in rng.sample(train, min(len(train), shots + 1)) if record_text(r.kind, r.data, "prompt") != own]
+    context: list[dict[str, str]] = []
+    for example in pool[:shots]:
+        context.extend(m for m in to_messages(example) if m["role"] != "system")
+    head = [m for m in prompt if m["role"] == "system"]
+    return head + context + [m for m in prompt if m["role"] != "system"]
+
+
+def references(record: Record) -> list[str]:
+    """The reference answers of a row: its answer, plus any `references` list the row carries."""
+    if record.kind == "instruction":
+        main = record.data["output"]
+    else:
+        main = [m for m in record.data["messages"] if m["role"] == "assistant"][-1]["content"]
+    extra = (record.raw or {}).get("references")
+    refs = [main] + [x for x in extra if isinstance(x, str) and x != main] if isinstance(extra, list) else [main]
+    return refs
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+
+def summarize(rows: EvalRows, task: str, per_example: dict[str, list[dict]], outputs: dict[str, list],
+              options: EvalOptions) -> dict[str, Any]:
+    """Corpus metrics per system, paired-bootstrap differences of tuned against each other system, wins/losses."""
+    from tunesmith.evaluation import metrics as m
+    from tunesmith.evaluation.bootstrap import compare_systems, wins_losses
+
+    results: dict[str, Any] = {"task": task, "kind": rows.kind, "data": rows.source, "rows": len(rows.rows),
+                               "excluded_leaked": len(rows.excluded), "excluded": rows.excluded[:50],
+                               "systems": list(per_example), "primary_metric": PRIMARY[task], "metrics": {}}
+    for name, per in per_example.items():
+        if task == "classification":
+            results["metrics"][name] = m.classification_metrics([p["gold"] for p in per], [p["pred"] for p in per],
+                                                                rows.labels)
+        elif task == "generation":
+            results["metrics"][name] = m.generation_metrics(outputs[name], [references(r) for r in rows.rows])
+        else:
+            results["metrics"][name] = m.perplexity([p["nll"] for p in per], [p["tokens"] for p in per])
+    if task != "lm" and len(per_example) > 1:
+        results["differences"] = compare_systems(per_example, task, "tuned", n_resamples=options.n_resamples,
+                                                 seed=options.seed, labels=rows.labels)
+        results["wins_losses"] = {other: wins_losses(per_example["tuned"], per_example[other], PRIMARY[task])
+                                  for other in per_example if other != "tuned"}
+    return results
+
+
+def forgetting_check(systems: dict[str, SystemSpec], options: EvalOptions,
+                     echo: Callable[[str], None]) -> dict[str, Any]:
+    """The shipped general-ability set on base and tuned: answer accuracy and text perplexity, and the drop."""
+    from tunesmith.evaluation.metrics import perplexity
+    from tunesmith.evaluation.scoring import generate_sorted, text_nll
+
+    qa = [json.loads(x) for x in (GENERAL / "qa.jsonl").read_text().splitlines()]
+    texts = [json.loads(x)["text"] for x in (GENERAL / "text.jsonl").read_text().splitlines()]
+    specs = {"tuned": systems["tuned"], "base": systems.get("base") or SystemSpec("base", systems["tuned"].path, True)}
+    out: dict[str, Any] = {"qa_rows": len(qa), "text_rows": len(texts)}
+    for name, spec in specs.items():
+        loaded = load_system(spec, systems)
+        answers = generate_sorted(loaded, [[{"role": "user", "content": q["question"]}] for q in qa], 48,
+                                  options.batch_size)
+        correct = [answer_contains(a, q["answers"]) for a, q in zip(answers, qa)]
+        nll = text_nll(loaded, texts, batch_size=options.batch_size)
+        out[name] = {"qa_accuracy": round(sum(correct) / len(qa), 4),
+                     **perplexity([s for s, _ in nll], [n for _, n in nll])}
+    base, tuned = out["base"], out["tuned"]
+    qa_drop = base["qa_accuracy"] - tuned["qa_accuracy"]
+    ppl_rise = tuned["perplexity"] / base["perplexity"] - 1
+    out["qa_accuracy_drop"] = round(qa_drop, 4)
+    out["perplexity_rise"] = round(ppl_rise, 4)
+    out["threshold"] = options.forgetting_threshold
+    out["warning"] = (qa_drop > options.forgetting_threshold * max(base["qa_accuracy"], 1e-9)
+                      or ppl_rise > options.forgetting_threshold)
+    return out
+
+
+def answer_contains(answer: str, accepted: list[str]) -> bool:
+    """True when one accepted answer appears in `answer` as whole words (case-insensitive)."""
+    import re
+
+    low = answer.lower()
+    return any(re.search(rf"(?<!\w){re.escape(a.lower())}(?!\w)", low) for a in accepted)
+
+
+def write_outputs(out: Path, rows: EvalRows, task: str, per_example: dict[str, list[dict]],
+                  outputs: dict[str, list], results: dict[str, Any]) -> None:
+    """results.json, examples.jsonl (every row: input, references, each system's answer and scores),
+    regressions.jsonl (rows where tuned scores below base on the primary metric)."""
+    out.mkdir(parents=True, exist_ok=True)
+    primary = PRIMARY[task]
+    examples = []
+    for i, r in enumerate(rows.rows):
+        item: dict[str, Any] = {"file": r.source, "line": r.line, "input": record_text(r.kind, r.data, "prompt")}
+        if task == "classification":
+            item["label"] = r.data["label"]
+        elif task == "generation":
+            item["references"] = references(r)
+        for name in per_example:
+            item[name] = {"output": outputs[name][i] if task != "lm" else None, **per_example[name][i]}
+        examples.append(item)
+    _write_jsonl(out / "examples.jsonl", examples)
+    if "base" in per_example and task != "lm":
+        regressions = [e for e in examples if e["tuned"][primary] < e["base"][primary]]
+        _write_jsonl(out / "regressions.jsonl", regressions)
+        results["regressions"] = len(regressions)
+    artifacts.write_json(out / "results.json", results)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+
+def check_run(run_path: str | Path) -> None:
+    """RunError unless `run_path` is a finished run folder."""
+    run = open_run(run_path)
+    if not run.manifest.exists():
+        raise RunError(f"{run.root}: no manifest.json — the run did not finish", "train it to the end first")

@@ -1,0 +1,105 @@
+"""What a model says about rows: log-probabilities of given answers (label scoring, perplexity) and batched answers.
+
+Everything is batched: rows are sorted by length so a batch wastes little on padding, and results come back in the
+caller's order. Label scoring formats `prompt + label` exactly as training does (chat template, end-of-turn token
+included), so a label scores the way the model was taught to produce it — no free generation, no parsing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from tunesmith.data.format import IGNORE, encode_chat, encode_text
+
+
+def sequence_logprobs(model, sequences: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 16,
+                      progress: Callable[[int], None] | None = None) -> list[tuple[float, int]]:
+    """For each (input_ids, labels) pair: the summed log-probability of its labelled tokens, and their count."""
+    import torch
+
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(sequences[i][0]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(idx), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            seq, lab = sequences[i]
+            ids[row, :len(seq)] = torch.tensor(seq)
+            labels[row, :len(lab)] = torch.tensor(lab)
+            mask[row, :len(seq)] = 1
+        shifted = labels[:, 1:]
+        keep = (shifted != IGNORE).any(dim=0).nonzero().flatten()
+        if keep.numel() == 0:
+            keep = torch.zeros(1, dtype=torch.long)
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep.to(device),
+                           use_cache=False).logits.float()
+        targets = shifted[:, keep].to(device)
+        logp = torch.log_softmax(logits, dim=-1)
+        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != IGNORE)
+        sums, counts = picked.sum(-1).tolist(), (targets != IGNORE).sum(-1).tolist()
+        for row, i in enumerate(idx):
+            out[i] = (sums[row], int(counts[row]))
+        if progress:
+            progress(len(idx))
+    return out
+
+
+def score_labels(loaded, prompts: list[list[dict[str, str]]], labels: list[str], batch_size: int = 16,
+                 progress: Callable[[int], None] | None = None) -> list[dict[str, float]]:
+    """Log-probability of each allowed label as the assistant's answer to each prompt (label + end of turn)."""
+    tok = loaded.tokenizer
+    sequences = [last_answer_only(*encode_chat(tok, prompt + [{"role": "assistant", "content": label}]))
+                 for prompt in prompts for label in labels]
+    scored = sequence_logprobs(loaded.model, sequences, _pad(tok), batch_size, progress)
+    out = []
+    for p in range(len(prompts)):
+        row = scored[p * len(labels):(p + 1) * len(labels)]
+        out.append({label: s for label, (s, _) in zip(labels, row)})
+    return out
+
+
+def last_answer_only(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """Keep the labels of the last assistant turn only (few-shot examples earlier in the prompt are context)."""
+    end = max((i for i, x in enumerate(labels) if x != IGNORE), default=-1)
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    return ids, [x if start <= i <= end else IGNORE for i, x in enumerate(labels)]
+
+
+def text_nll(loaded, texts: list[str], max_len: int = 1024, batch_size: int = 8) -> list[tuple[float, int]]:
+    """Negative log-likelihood (summed) and token count of each text, for perplexity."""
+    tok = loaded.tokenizer
+    sequences = []
+    for text in texts:
+        ids, labels = encode_text(tok, text)
+        sequences.append((ids[:max_len], labels[:max_len]))
+    return [(-s, n) for s, n in sequence_logprobs(loaded.model, sequences, _pad(tok), batch_size)]
+
+
+def generate_sorted(loaded, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int = 16,
+                    progress: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy answers, batched by prompt length (left padding, KV cache); returned in the given order."""
+    from tunesmith.generate import generate
+
+    tok = loaded.tokenizer
+    lengths = [len(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)) for c in conversations]
+    order = sorted(range(len(conversations)), key=lambda i: lengths[i])
+    answers: list[Any] = [None] * len(conversations)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        for i, answer in zip(idx, generate(loaded, [conversations[i] for i in idx], max_new_tokens=max_new_tokens,
+                                           batch_size=len(idx))):
+            answers[i] = answer
+        if progress:
+            progress(len(idx))
+    return answers
+
+
+def _pad(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
