@@ -130,3 +130,14 @@ def test_eval_generation_with_forgetting_on_the_cli(chat_run, capsys):
     examples = [json.loads(x) for x in (chat_run / "eval" / "heldout" / "examples.jsonl").read_text().splitlines()]
     assert all(e["references"][0].startswith("The number is ") for e in examples)
     assert main(["eval", str(chat_run / "nope")]) == 2
+
+
+def test_report_and_review_commands(chat_run, tmp_path, capsys):
+    assert main(["report", str(chat_run)]) == 0
+    page = (chat_run / "report.html").read_text()
+    assert str(chat_run) in page and "data-series=\"train_loss\"" in page
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert main(["review", str(chat_run), "base", "--results"]) == 2
+    assert "no review yet" in capsys.readouterr().err
+    assert main(["review", str(chat_run), "base"]) == 2
+    assert "--data is required" in capsys.readouterr().err
