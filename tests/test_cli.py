@@ -161,14 +161,15 @@ def test_validate_good_recipe_in_a_subprocess(good_recipe, tmp_path):
 # ----------------------------------------------------------------------------------------------- methods, argparse
 
 
-def test_methods_lists_sft(capsys):
+def test_methods_lists_every_registered_method(capsys):
+    from tunesmith.methods import REGISTRY
+
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2
-    assert lines[0].split()[0] == "sft"
+    assert len(lines) == 2 * len(REGISTRY) and [lines[i].split()[0] for i in range(0, len(lines), 2)] == list(REGISTRY)
     assert "supervised fine-tuning" in lines[0]
-    assert lines[1].strip() == ("trains on: chat, instruction, classification, text · "
-                                "parameters: adapter, train_on, lora")
+    assert lines[1].strip() == ("trains on: chat, instruction, classification, text · parameters: adapter, lora, "
+                                "qlora, dora, ia3, prefix, prompt, bottleneck, freeze, train_on")
 
 
 @pytest.mark.parametrize("argv, words", [

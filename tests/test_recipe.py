@@ -98,19 +98,20 @@ def test_bad_choice_lists_choices_and_suggests_the_closest(tmp_path):
 @pytest.mark.parametrize("method", [{"name": "sftt"}, "sftt"])
 def test_unknown_method_name_suggests_a_registered_method(tmp_path, method):
     path = write_recipe(tmp_path, recipe_with(method=method))
-    assert problems_of(path) == ["`method.name`: 'sftt' is not allowed; choose one of: sft; did you mean 'sft'?"]
+    assert problems_of(path) == ["`method.name`: 'sftt' is not allowed; choose one of: sft, classify, features; did you mean 'sft'?"]
 
 
 def test_bad_choice_inside_the_method_section(tmp_path):
     path = write_recipe(tmp_path, recipe_with(method={"name": "sft", "adapter": "lorra"}))
     assert problems_of(path) == [
-        "`method.adapter`: 'lorra' is not allowed; choose one of: lora, full; did you mean 'lora'?"]
+        "`method.adapter`: 'lorra' is not allowed; choose one of: lora, qlora, dora, ia3, prefix, prompt, adapter, freeze, full; did you mean 'lora'?"]
 
 
 def test_unknown_key_at_the_method_level_suggests_the_closest(tmp_path):
     path = write_recipe(tmp_path, recipe_with(method={"name": "sft", "adaptor": "full"}))
     assert problems_of(path) == [
-        "`method.adaptor`: unknown key (given 'full'); allowed here: name, adapter, train_on, lora; "
+        "`method.adaptor`: unknown key (given 'full'); allowed here: name, adapter, lora, qlora, dora, ia3, prefix, prompt, bottleneck, freeze, "
+        "train_on; "
         "did you mean `method.adapter`?"]
 
 
@@ -199,7 +200,7 @@ def test_check_files_false_skips_the_file_checks(tmp_path):
 def test_missing_local_model_folder(tmp_path):
     path = write_recipe(tmp_path, recipe_with(model={"name": "no/such/model"}))
     assert problems_of(path) == [
-        "`model.name`: 'no/such/model' is neither 'default' nor an existing local folder or .gguf file"]
+        "`model.name`: 'no/such/model' is neither a bundled model (default, minilm) nor an existing local folder or .gguf file"]
 
 
 def test_missing_recipe_file(tmp_path):
@@ -317,7 +318,7 @@ eval:
     problems = problems_of(path)
     assert sorted(problems) == sorted([
         "`data.validation_fraction`: 1.5 is out of range — it must be < 1.0",
-        "`method.adapter`: 'lorra' is not allowed; choose one of: lora, full; did you mean 'lora'?",
+        "`method.adapter`: 'lorra' is not allowed; choose one of: lora, qlora, dora, ia3, prefix, prompt, adapter, freeze, full; did you mean 'lora'?",
         "`train.warmup_steps` and `train.warmup_ratio`: can't set both; choose one",
         "`train.early_stopping_patience`: needs `train.eval_every` (how often to measure validation loss)",
         "`eval.loss_befor`: unknown key (given True); allowed here: loss_before, loss_rows; "
@@ -332,7 +333,7 @@ def test_missing_data_and_unknown_method_are_reported_together(tmp_path):
         "`data`: required section is missing; give at least `data.train: path/to/train.jsonl`",
         "`train.batch_size`: 'eight' is not a whole number",
         "`train.scheduler`: 'cosin' is not allowed; choose one of: linear, cosine, constant; did you mean 'cosine'?",
-        "`method.name`: 'sftt' is not allowed; choose one of: sft; did you mean 'sft'?",
+        "`method.name`: 'sftt' is not allowed; choose one of: sft, classify, features; did you mean 'sft'?",
     ])
 
 
@@ -371,12 +372,12 @@ def test_apply_overrides_does_not_change_its_input():
 
 def test_overrides_win_over_the_file_and_reach_the_recipe(tmp_path):
     path = write_recipe(tmp_path, recipe_with(train={"batch_size": 4, "epochs": 3}))
-    recipe = load_recipe(path, ["train.batch_size=16", "train.learning_rate=1e-4", "method.adapter=full",
+    recipe = load_recipe(path, ["train.batch_size=16", "train.learning_rate=1e-4", "method.adapter=lora",
                                 "method.lora.target_modules=[q_proj, v_proj]", "train.padding_free=no"])
     assert recipe.train.batch_size == 16 and recipe.train.epochs == 3.0
     assert recipe.train.learning_rate == pytest.approx(1e-4)
     assert recipe.train.padding_free is False
-    assert recipe.method.adapter == "full"
+    assert recipe.method.adapter == "lora"
     assert recipe.method.lora.target_modules == ["q_proj", "v_proj"]
 
 
@@ -528,4 +529,4 @@ def test_home_relative_data_path_is_expanded(tmp_path, monkeypatch):
 def test_override_below_method_shorthand_keeps_the_method_name(tmp_path):
     path = write_recipe(tmp_path, recipe_with(method="sftt"))
     assert problems_of(path, ["method.adapter=full"]) == [
-        "`method.name`: 'sftt' is not allowed; choose one of: sft; did you mean 'sft'?"]
+        "`method.name`: 'sftt' is not allowed; choose one of: sft, classify, features; did you mean 'sft'?"]

@@ -19,12 +19,13 @@ def make_recipe(tmp_path, model_dir, rows, name="run", **train):
         else tmp_path / "train.jsonl"
     method = train.pop("method", {})
     data_extra = train.pop("data", {})
+    eval_extra = train.pop("eval", {})
     settings = {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3, "max_seq_len": 64, "log_every": 1,
                 "seed": 7, **train}
     raw = {"model": {"name": str(model_dir)},
            "data": {"train": str(data), "validation_fraction": 0.2, **data_extra},
            "method": {"name": "sft", **method},
-           "train": settings, "eval": {"loss_rows": 8},
+           "train": settings, "eval": {"loss_rows": 8, **eval_extra},
            "output": {"dir": str(tmp_path / name)}}
     return parse_recipe(raw)
 

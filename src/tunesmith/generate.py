@@ -28,7 +28,9 @@ class Loaded:
 def load_run(path: str | Path, base: bool = False, dtype=None) -> Loaded:
     """The run's tuned model (adapter applied, or full weights), or with `base=True` its untouched base model."""
     run = open_run(path)  # a wrong folder fails fast, before torch is imported
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from tunesmith.methods.adapters import load_base_for, load_trained, run_adapter
 
     manifest = run.read_manifest()
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
@@ -37,19 +39,17 @@ def load_run(path: str | Path, base: bool = False, dtype=None) -> Loaded:
         tokenizer.pad_token = tokenizer.eos_token
     generation_config = GenerationConfig.from_pretrained(run.root)
     bm = manifest["base_model"]
-    if base or manifest["saved"] == "adapter":
+    if base:
         model = load_model(resolve_model(bm["name"], bm.get("cache_dir")), dtype=dtype)
         label = f"base ({bm['resolved']})"
-        if not base:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, run.adapter)
-            label = f"tuned ({run.root})"
-    elif manifest["saved"] == "model":
-        model = AutoModelForCausalLM.from_pretrained(run.model, dtype=dtype)
-        label = f"tuned ({run.root})"
     else:
-        raise RunError(f"{run.root}: manifest names unknown saved weights {manifest['saved']!r}")
+        base_model = None
+        if manifest["saved"] == "adapter":  # adapters load onto their base (4-bit again for qlora)
+            params = run_adapter(run, manifest)
+            base_model = load_base_for(params.adapter, params, resolve_model(bm["name"], bm.get("cache_dir")),
+                                       dtype=dtype)
+        model = load_trained(run, manifest, base_model, dtype=dtype)
+        label = f"tuned ({run.root})"
     model.eval()
     model.config.use_cache = True
     return Loaded(model, tokenizer, generation_config, label)
@@ -103,16 +103,23 @@ def chat_loop(loaded: Loaded, read: Callable[[str], str] = input, write: Callabl
 
 
 def export_merged(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write a standalone model folder (weights, tokenizer, generation config), the adapter merged in."""
-    loaded = load_run(path)
+    """Write a standalone model folder (weights, tokenizer, generation config), the adapter merged in.
+
+    Adapters that can't be merged exactly (qlora, prefix, prompt, bottleneck) raise a RunError saying why, before
+    anything is loaded.
+    """
+    from tunesmith.methods.adapters import check_mergeable, merge_for_export, run_adapter
+
+    run = open_run(path)
+    adapter = run_adapter(run, run.read_manifest()).adapter
+    check_mergeable(adapter)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise RunError(f"{out}: already exists", "choose another --out folder or pass --overwrite")
         shutil.rmtree(out)
-    model = loaded.model
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+    loaded = load_run(path)
+    model = merge_for_export(loaded.model, adapter)
     model.save_pretrained(out)
     loaded.tokenizer.padding_side = "right"
     loaded.tokenizer.save_pretrained(out)

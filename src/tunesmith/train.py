@@ -42,7 +42,7 @@ def train_run(recipe: Recipe, resume: bool = False, callbacks: list | None = Non
     data = prepare_data(recipe.data, recipe.train.seed, method.record_types)
     source = resolve_model(recipe.model.name, recipe.model.cache_dir)
     tokenizer = load_tokenizer(source)
-    encoded = encode_rows(data, tokenizer, recipe)
+    encoded = (method.encode or encode_rows)(data, tokenizer, recipe)
     all_rejects = data.rejects + encoded.rejects
     write_rejects(all_rejects, run.rejects)
     echo(data_summary(data.counts(), len(encoded.rejects), stats(encoded.train), recipe, run))
@@ -167,6 +167,8 @@ def save_tokenizer_and_generation(run: RunDir, tokenizer, source) -> None:
     except OSError:
         config = GenerationConfig()
     stops = sorted(end_of_turn_ids(tokenizer))
+    if not stops:  # an encoder (e.g. MiniLM) has no end of turn: nothing to generate with
+        return
     config.eos_token_id = stops if len(stops) > 1 else stops[0]
     config.pad_token_id = tokenizer.pad_token_id
     config.bos_token_id = tokenizer.bos_token_id

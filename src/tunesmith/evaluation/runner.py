@@ -71,15 +71,21 @@ def evaluate_run(run_path: str | Path, options: EvalOptions | None = None,
                         "preference data is scored by a reward-model run (method: reward)")
     echo(f"evaluating {run.root} on {len(rows.rows)} rows of {rows.source} ({rows.kind}; "
          f"{len(rows.excluded)} excluded as leaked from training)")
-    systems = system_specs(run, options)
+    classifier = classifier_predict(run)
+    if classifier is not None and task != "classification":
+        raise DataError(f"{run.root}: a classifier run can only be evaluated on classification rows")
+    systems = system_specs(run, options, encoder=classifier is not None and not _has_lm_head(run))
     per_example: dict[str, list[dict[str, Any]]] = {}
     outputs: dict[str, list[Any]] = {}
     for name, spec in systems.items():
         t = time.time()
-        outputs[name], per_example[name] = run_system(spec, systems, rows, task, options)
+        if name == "tuned" and classifier is not None:
+            outputs[name], per_example[name] = run_classifier(classifier, spec, rows, options)
+        else:
+            outputs[name], per_example[name] = run_system(spec, systems, rows, task, options)
         echo(f"  {name}: {len(rows.rows)} rows in {time.time() - t:.1f} s")
     results = summarize(rows, task, per_example, outputs, options)
-    if options.forgetting and task != "lm":
+    if options.forgetting and task != "lm" and classifier is None:
         results["forgetting"] = forgetting_check(systems, options, echo)
     results["seconds"] = round(time.time() - started, 1)
     out = run.root / "eval" / (options.name or (Path(options.data).stem if options.data else "heldout"))
@@ -148,10 +154,12 @@ class SystemSpec:
     loaded: Any = None
 
 
-def system_specs(run, options: EvalOptions) -> dict[str, SystemSpec]:
-    """tuned first, then each comparison in the order given."""
+def system_specs(run, options: EvalOptions, encoder: bool = False) -> dict[str, SystemSpec]:
+    """tuned first, then each comparison in the order given (base and fewshot need a language-model base)."""
     specs = {"tuned": SystemSpec("tuned", str(run.root))}
     for item in options.against:
+        if encoder and item in ("base", "fewshot"):
+            continue  # an encoder base (e.g. minilm) can't answer prompts
         if item == "base":
             specs["base"] = SystemSpec("base", str(run.root), base=True)
         elif item == "fewshot":
@@ -219,6 +227,34 @@ def run_system(spec: SystemSpec, systems: dict[str, SystemSpec], rows: EvalRows,
         preds = generate_sorted(loaded, prompts, options.max_new_tokens, options.batch_size, progress=bar.update)
         per = [example_scores("generation", p, references(r)) for p, r in zip(preds, rows.rows)]
     bar.close()
+    return preds, per
+
+
+def classifier_predict(run):
+    """The method's `predict` when the run is a classifier (classify, features), else None."""
+    from tunesmith.methods import REGISTRY
+
+    method = REGISTRY.get(run.read_manifest().get("method", ""))
+    return method.predict if method is not None else None
+
+
+def _has_lm_head(run) -> bool:
+    from tunesmith.model import resolve_model
+    from transformers import AutoConfig
+
+    base = run.read_manifest()["base_model"]
+    config = AutoConfig.from_pretrained(resolve_model(base["name"], base.get("cache_dir")).path)
+    return any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+
+
+def run_classifier(predict, spec: SystemSpec, rows: EvalRows, options: EvalOptions):
+    """A classifier run's predictions (its own head or linear classifier) and per-example scores."""
+    from tunesmith.evaluation.metrics import example_scores
+
+    probs = predict(spec.path, [r.data["text"] for r in rows.rows], batch_size=options.batch_size)
+    preds = [max(p, key=p.get) for p in probs]
+    per = [{**example_scores("classification", p, [r.data["label"]]), "gold": r.data["label"], "pred": p}
+           for p, r in zip(preds, rows.rows)]
     return preds, per
 
 

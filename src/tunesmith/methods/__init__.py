@@ -5,9 +5,9 @@ The CLI choices, the recipe schema, `tunesmith methods` and the per-method tests
 
 from __future__ import annotations
 
-from tunesmith.methods import sft
+from tunesmith.methods import classify, features, sft
 from tunesmith.methods.base import Method, TrainOutcome
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (sft.METHOD,)}
+REGISTRY: dict[str, Method] = {m.name: m for m in (sft.METHOD, classify.METHOD, features.METHOD)}
 
 __all__ = ["REGISTRY", "Method", "TrainOutcome"]

