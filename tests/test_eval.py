@@ -135,7 +135,7 @@ def test_eval_generation_with_forgetting_on_the_cli(chat_run, capsys):
 def test_report_and_review_commands(chat_run, tmp_path, capsys):
     assert main(["report", str(chat_run)]) == 0
     page = (chat_run / "report.html").read_text()
-    assert "tunesmith run report: run" in page and "data-series=\"train_loss\"" in page
+    assert "tunesmith run report: run" in page and "data-series='train_loss'" in page
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert main(["review", str(chat_run), "base", "--results"]) == 2
     assert "no review yet" in capsys.readouterr().err

@@ -418,7 +418,7 @@ data:
 
 method:
   name: sft              # supervised fine-tuning
-  adapter: lora          # lora | full
+  adapter: lora          # lora | qlora | dora | ia3 | prefix | prompt | adapter | freeze | full
   train_on: responses    # responses (loss on assistant turns only) | all
   lora: {{r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}}
 

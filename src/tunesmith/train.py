@@ -69,6 +69,7 @@ def train_run(recipe: Recipe, resume: bool = False, callbacks: list | None = Non
         "tunesmith_run": 1,
         "method": method.name,
         "saved": outcome.saved,
+        "adapter": getattr(recipe.method, "adapter", None),
         "base_model": {"name": recipe.model.name, "cache_dir": recipe.model.cache_dir,
                        "resolved": source.describe()},
         "precision": precision,
