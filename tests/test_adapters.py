@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from test_train import callback, make_recipe, probe_logits
+from test_train import make_recipe, probe_logits, snapshots
 from tunesmith.errors import RecipeError, RunError
 from tunesmith.methods.adapters import ADAPTERS, BottleneckParams
 from tunesmith.methods.sft import SFTParams
@@ -50,18 +50,9 @@ def test_every_adapter_trains_reloads_and_merges(tmp_path, tiny_model_dir, chat_
 
     seen = {}
 
-    def on_train_begin(self, args, state, control, model=None, **kw):
-        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-        seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
-
-    def on_train_end(self, args, state, control, model=None, **kw):
-        seen["after"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-        seen["model"] = model
-
     recipe = make_recipe(tmp_path, tiny_model_dir, chat_rows, method=method_for(adapter),
                          data={"check": {"enabled": False}, "validation_fraction": 0}, eval={"loss_before": False})
-    manifest = train_run(recipe, callbacks=[callback(on_train_begin=on_train_begin, on_train_end=on_train_end)],
-                         echo=lambda s: None)
+    manifest = train_run(recipe, callbacks=[snapshots(seen)], echo=lambda s: None)
     trainable, before, after = seen["trainable"], seen["before"], seen["after"]
     assert manifest["training"]["steps"] == 2 and expected_trainable(adapter, trainable), sorted(trainable)
     if adapter == "full":

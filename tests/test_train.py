@@ -30,6 +30,20 @@ def make_recipe(tmp_path, model_dir, rows, name="run", **train):
     return parse_recipe(raw)
 
 
+def snapshots(seen: dict):
+    """A callback that records the parameters before and after training, which are trainable, and the model."""
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        seen["after"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        seen["model"] = model
+
+    return callback(on_train_begin=on_train_begin, on_train_end=on_train_end)
+
+
 def callback(**hooks):
     from transformers import TrainerCallback
 
@@ -40,16 +54,8 @@ def callback(**hooks):
 def test_a_step_changes_every_trainable_parameter_and_no_frozen_one(tmp_path, tiny_model_dir, chat_rows, adapter):
     seen = {}
 
-    def on_train_begin(self, args, state, control, model=None, **kw):
-        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-        seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
-
-    def on_train_end(self, args, state, control, model=None, **kw):
-        seen["after"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-
     recipe = make_recipe(tmp_path, tiny_model_dir, chat_rows, method={"adapter": adapter})
-    manifest = train_run(recipe, callbacks=[callback(on_train_begin=on_train_begin, on_train_end=on_train_end)],
-                         echo=lambda s: None)
+    manifest = train_run(recipe, callbacks=[snapshots(seen)], echo=lambda s: None)
     trainable = seen["trainable"]
     assert trainable and manifest["training"]["steps"] == 2
     if adapter == "lora":

@@ -136,14 +136,20 @@ def load_tokenizer(source: ModelSource):
     return tokenizer
 
 
-def load_model(source: ModelSource, dtype=None, task: str = "causal-lm"):
-    """Load the model's weights as a plain transformers model (GGUF de-quantized to float)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def load_model(source: ModelSource, dtype=None, task: str = "causal-lm", num_labels: int | None = None, **kwargs):
+    """Load the model's weights as a plain transformers model (GGUF de-quantized to float).
 
+    `task` is 'causal-lm', or 'seq-cls' for a classification head with `num_labels` outputs; `kwargs` go to
+    `from_pretrained` (e.g. a quantization config).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = {"causal-lm": AutoModelForCausalLM, "seq-cls": AutoModelForSequenceClassification}[task]
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file,
-                                                     dtype=dtype or torch.float32)
+        model = auto.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=dtype or torch.float32, **kwargs)
     except Exception as exc:
         raise ModelError(f"can't load model {source.describe()}: {type(exc).__name__}: {exc}",
                          "check that the folder holds config.json and complete weights (or a valid .gguf file)") \

@@ -182,29 +182,9 @@ def load_base_for(adapter: str, params, source: ModelSource, task: str = "causal
     """
     if adapter == "qlora":
         return _load_quantized(params.qlora, source, task, num_labels, dtype, **model_kwargs)
-    if task == "causal-lm" and not model_kwargs:
-        from tunesmith.model import load_model
+    from tunesmith.model import load_model
 
-        return load_model(source, dtype=dtype)
-    return _from_pretrained(source, task, num_labels, dtype, **model_kwargs)
-
-
-def _from_pretrained(source: ModelSource, task: str, num_labels: int | None, dtype, **kwargs):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    auto = {"causal-lm": AutoModelForCausalLM, "seq-cls": AutoModelForSequenceClassification}[task]
-    if num_labels is not None:
-        kwargs["num_labels"] = num_labels
-    try:
-        model = auto.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=dtype or torch.float32, **kwargs)
-    except Exception as exc:
-        raise ModelError(f"can't load model {source.describe()}: {type(exc).__name__}: {exc}",
-                         "check that the folder holds config.json and complete weights (or a valid .gguf file)") \
-            from None
-    if getattr(model, "hf_quantizer", None) is not None and source.gguf_file:
-        model.hf_quantizer.remove_quantization_config(model)
-    return model
+    return load_model(source, dtype, task, num_labels, **model_kwargs)
 
 
 def _load_quantized(q: QLoraParams, source: ModelSource, task: str, num_labels: int | None, dtype, **kwargs):
@@ -228,7 +208,9 @@ def _load_quantized(q: QLoraParams, source: ModelSource, task: str, num_labels: 
                                 bnb_4bit_use_double_quant=q.double_quant,
                                 bnb_4bit_compute_dtype=_compute_dtype(q.compute_dtype), **extra)
     where = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else "cpu"
-    model = _from_pretrained(source, task, num_labels, dtype, quantization_config=config, device_map=where, **kwargs)
+    from tunesmith.model import load_model
+
+    model = load_model(source, dtype, task, num_labels, quantization_config=config, device_map=where, **kwargs)
     keep_4bit_layout(model)
     return model
 
