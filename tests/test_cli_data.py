@@ -206,3 +206,9 @@ def test_class_weights_reach_the_training_loss(tmp_path, tiny_model_dir):
         first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
         losses[weights] = first["loss"]
     assert losses["auto"] != pytest.approx(losses["null"], rel=1e-3)
+
+
+def test_bad_threshold_flag_is_reported_with_its_range(files, capsys):
+    train, _ = files
+    assert main(["data", "check", str(train), "--threshold", "1.5", "--no-tokens"]) == 2
+    assert "--threshold 1.5: must be between 0.5 and 1.0" in capsys.readouterr().err

@@ -530,3 +530,13 @@ def test_override_below_method_shorthand_keeps_the_method_name(tmp_path):
     path = write_recipe(tmp_path, recipe_with(method="sftt"))
     assert problems_of(path, ["method.adapter=full"]) == [
         "`method.name`: 'sftt' is not allowed; choose one of: sft, classify, features; did you mean 'sft'?"]
+
+
+def test_data_check_and_class_weights_errors_name_their_keys(tmp_path):
+    path = write_recipe(tmp_path, recipe_with(data={"train": "train.jsonl", "class_weights": "no-such.json",
+                                                    "check": {"near_threshold": 0.2, "leakage": "ignore"}}))
+    problems = problems_of(path)
+    assert "`data.check.near_threshold`: 0.2 is out of range — it must be >= 0.5" in problems
+    assert "`data.check.leakage`: 'ignore' is not allowed; choose one of: stop, warn" in problems
+    assert any(p.startswith("`data.class_weights`:") and "neither 'auto' nor an existing JSON file" in p
+               for p in problems)

@@ -18,8 +18,7 @@ Decoder batches are padded on the left (see `padding_side`). Reload a peft or fu
 from __future__ import annotations
 
 import json
-import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -96,19 +95,6 @@ def encode_labelled(data, tokenizer, recipe) -> LabelledRows:
             weight = weights.get(label, 1.0) if target is out.train else 1.0  # validation measures the real task
             target.append(LabelRow(ids, [index[label]], full > len(ids), full, weight, classes))
     return out
-
-
-def with_label_rows(job):
-    """The job with LabelRows; re-reads the data while train.py still hands every method chat-formatted rows."""
-    if job.train_rows and isinstance(job.train_rows[0], LabelRow):
-        return job
-    from tunesmith.data import prepare_data
-
-    recipe = job.recipe
-    data = prepare_data(recipe.data, recipe.train.seed, ("classification",))
-    rows = encode_labelled(data, job.tokenizer, recipe)
-    loss_rows = random.Random(recipe.train.seed).sample(rows.train, min(recipe.eval.loss_rows, len(rows.train)))
-    return replace(job, train_rows=rows.train, validation_rows=rows.validation, loss_rows=loss_rows)
 
 
 class PadCollator:
@@ -212,7 +198,6 @@ def train(job) -> TrainOutcome:
     if job.recipe.train.padding_free:
         raise RecipeError("recipe", ["`train.padding_free`: true can't train `method: classify` — each row is "
                                      "classified on its own, so batches are padded; set train.padding_free=false"])
-    job = with_label_rows(job)
     classes = job.train_rows[0].classes
     model = build_model(job, params, classes)
     side = padding_side(model.config)

@@ -200,11 +200,10 @@ def train(job) -> TrainOutcome:
     """Embed every row with the frozen model, fit the classifier, save `classifier/` and `labels.json`."""
     import numpy as np
 
-    from tunesmith.methods.classify import with_label_rows, write_labels
+    from tunesmith.methods.classify import write_labels
     from tunesmith.methods.common import count_parameters
 
     params: FeaturesParams = job.recipe.method
-    job = with_label_rows(job)
     classes = job.train_rows[0].classes
     t0 = time.time()
     model = load_encoder(job.source, job.precision)
