@@ -168,8 +168,8 @@ def test_methods_lists_every_registered_method(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 * len(REGISTRY) and [lines[i].split()[0] for i in range(0, len(lines), 2)] == list(REGISTRY)
     assert "supervised fine-tuning" in lines[0]
-    assert lines[1].strip() == ("trains on: chat, instruction, classification, text · parameters: adapter, lora, "
-                                "qlora, dora, ia3, prefix, prompt, bottleneck, freeze, train_on")
+    assert lines[1].strip() == ("trains on: chat, instruction, classification, text, preference · parameters: "
+                                "adapter, lora, qlora, dora, ia3, prefix, prompt, bottleneck, freeze, train_on")
 
 
 @pytest.mark.parametrize("argv, words", [

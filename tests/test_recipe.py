@@ -18,6 +18,7 @@ from tunesmith.recipe import (
 )
 
 TRAIN_FIELDS = ", ".join(TrainSection.model_fields)
+METHODS = "sft, pretrain, classify, features, fewshot, reward, dpo, kto, orpo, grpo, rloo, ppo"  # registry order
 
 
 def write_recipe(folder: Path, recipe: dict | str, name: str = "recipe.yaml", train_file: bool = True) -> Path:
@@ -98,7 +99,8 @@ def test_bad_choice_lists_choices_and_suggests_the_closest(tmp_path):
 @pytest.mark.parametrize("method", [{"name": "sftt"}, "sftt"])
 def test_unknown_method_name_suggests_a_registered_method(tmp_path, method):
     path = write_recipe(tmp_path, recipe_with(method=method))
-    assert problems_of(path) == ["`method.name`: 'sftt' is not allowed; choose one of: sft, classify, features; did you mean 'sft'?"]
+    assert problems_of(path) == [
+        f"`method.name`: 'sftt' is not allowed; choose one of: {METHODS}; did you mean 'sft'?"]
 
 
 def test_bad_choice_inside_the_method_section(tmp_path):
@@ -180,9 +182,10 @@ def test_classifier_needs_two_distinct_labels(tmp_path):
 
 
 def test_record_format_the_method_cannot_train(tmp_path):
-    path = write_recipe(tmp_path, {"data": {"train": "train.jsonl", "format": "preference"}})
-    assert problems_of(path) == ["`data.format`: 'preference' can't train method 'sft'; "
-                                 "it trains on chat, instruction, classification, text"]
+    path = write_recipe(tmp_path, {"data": {"train": "train.jsonl", "format": "preference"},
+                                   "method": {"name": "classify"}})
+    assert problems_of(path) == ["`data.format`: 'preference' can't train method 'classify'; "
+                                 "it trains on classification"]
 
 
 def test_missing_data_files_are_reported_with_their_resolved_paths(tmp_path):
@@ -333,7 +336,7 @@ def test_missing_data_and_unknown_method_are_reported_together(tmp_path):
         "`data`: required section is missing; give at least `data.train: path/to/train.jsonl`",
         "`train.batch_size`: 'eight' is not a whole number",
         "`train.scheduler`: 'cosin' is not allowed; choose one of: linear, cosine, constant; did you mean 'cosine'?",
-        "`method.name`: 'sftt' is not allowed; choose one of: sft, classify, features; did you mean 'sft'?",
+        f"`method.name`: 'sftt' is not allowed; choose one of: {METHODS}; did you mean 'sft'?",
     ])
 
 
@@ -529,7 +532,7 @@ def test_home_relative_data_path_is_expanded(tmp_path, monkeypatch):
 def test_override_below_method_shorthand_keeps_the_method_name(tmp_path):
     path = write_recipe(tmp_path, recipe_with(method="sftt"))
     assert problems_of(path, ["method.adapter=full"]) == [
-        "`method.name`: 'sftt' is not allowed; choose one of: sft, classify, features; did you mean 'sft'?"]
+        f"`method.name`: 'sftt' is not allowed; choose one of: {METHODS}; did you mean 'sft'?"]
 
 
 def test_data_check_and_class_weights_errors_name_their_keys(tmp_path):

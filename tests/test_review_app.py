@@ -293,3 +293,26 @@ def test_export_csv_has_one_unblinded_row_per_vote(served, tmp_path):
     assert row["comment"] == 'ok, "fine"' and re.match(r"\d{4}-\d\d-\d\dT", row["voted_at"])
     status, kind, text = get(server, "/export.csv")
     assert status == 200 and kind.startswith("text/csv") and list(csv.DictReader(text.splitlines())) == rows
+
+
+def test_reward_model_agreement_with_the_reviewers(served, monkeypatch):
+    from tunesmith.methods import reward
+    from tunesmith.review_app import format_agreement, reward_agreement
+
+    db, server = served
+    for n in range(6):  # alpha (A) wins 4 items, omega (B) one, the last is a tie
+        item = next_item(server, "cy")["item"]
+        want = "alpha" if n < 4 else "omega"
+        choice = "tie" if n == 5 else "left" if item["answers"][0].startswith(want) else "right"
+        assert post(server, {"item_id": item["id"], "choice": choice, "reviewer": "cy"})[0] == 200
+
+    class Fake:  # a reward model that always prefers alpha's answers
+        def score(self, prompts, responses):
+            assert all(isinstance(p, list) and p[-1]["role"] == "user" for p in prompts)
+            return [1.0 if r.startswith("alpha") else 0.0 for r in responses]
+
+    monkeypatch.setattr(reward, "load_reward_model", lambda run: Fake())
+    found = reward_agreement(db, "rm-run")
+    assert (found["items"], found["agreement"], found["reward_prefers_a"]) == (5, 0.8, 5)  # the tie is left out
+    assert "agrees with the reviewers on 80.0% of 5 decided items" in format_agreement(found)
+    assert "80.0% of 5 decided items" in report_section(db)

@@ -65,6 +65,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-forgetting", action="store_true", help="skip the general-ability (forgetting) check")
     p.add_argument("--name", default=None, help="folder under RUN/eval/ (default: the data file's name or heldout)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reward-model", default=None, metavar="RUN", help="a reward-model run: score every system's "
+                   "answers, the tuned model's win rate against each, and its KL to the base model")
+
+    p = sub.add_parser("score", parents=[common], help="score replies to a prompt with a reward-model run")
+    p.add_argument("run", help="run folder of a `method: reward` run")
+    p.add_argument("--prompt", required=True, help="the user's message (or a '\\n\\nHuman: … Assistant:' transcript)")
+    p.add_argument("--response", action="append", required=True, help="a reply to score; repeat to compare several")
+    p.add_argument("--system", default=None, help="system prompt")
+
+    p = sub.add_parser("compare", parents=[common, recipe_args], help="train one task under several methods with "
+                       "the same data and budget; one table of cost and validation metric with 95%% intervals")
+    p.add_argument("--methods", required=True, help="comma-separated arms: adapters (lora, qlora, dora, ia3, prefix, "
+                   "prompt, adapter, freeze, full), methods (e.g. features), METHOD:ADAPTER (e.g. classify:lora), "
+                   "zero-shot, fewshot")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key for every arm (like the KEY=VALUE arguments)")
+    p.add_argument("--arm-set", action="append", default=[], metavar="ARM:KEY=VALUE",
+                   help="override a recipe key for one arm, e.g. prompt:train.learning_rate=3e-2")
+    p.add_argument("--out", default=None, help="folder for the arms' run folders and the table "
+                   "(default runs/compare-RECIPE_NAME)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N validation rows only")
+    p.add_argument("--shots", type=int, default=4, help="solved examples in the fewshot baseline's prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    p.add_argument("--seed", type=int, default=0, help="seeds the bootstrap and the few-shot examples "
+                   "(training uses train.seed)")
+    p.add_argument("--fresh", action="store_true", help="retrain every arm, even one whose run folder matches")
+    p.add_argument("--verbose", action="store_true", help="show each arm's output here, not only in OUT/logs/")
 
     p = sub.add_parser("report", parents=[common], help="write RUN/report.html: curves, evaluations, human review, "
                        "data check (one file, opens offline)")
@@ -83,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reviewer", default=None, help="your name (the page asks otherwise)")
     p.add_argument("--results", action="store_true", help="print the win rate so far and exit")
     p.add_argument("--export", default=None, metavar="CSV", help="write every vote to CSV and exit")
+    p.add_argument("--reward-model", default=None, metavar="RUN", help="with --results: how often this reward model "
+                   "prefers the answer the reviewers preferred")
 
     p = sub.add_parser("export", parents=[common], help="write a standalone model folder")
     p.add_argument("run")
@@ -181,7 +211,11 @@ def cmd_eval(args) -> int:
     options = EvalOptions(data=args.data, against=against, limit=args.limit, shots=args.shots,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                           include_leaked=args.include_leaked, forgetting=not args.no_forgetting, seed=args.seed,
-                          name=args.name)
+                          name=args.name, reward_model=args.reward_model)
+    if args.reward_model:
+        from tunesmith.methods.reward import load_reward_model
+
+        load_reward_model(args.reward_model)  # a wrong folder fails before anything is generated
     _quiet_libraries()
     from tunesmith.evaluation.runner import evaluate_run
     from tunesmith.evaluation.view import results_text
@@ -192,6 +226,40 @@ def cmd_eval(args) -> int:
           (", regressions.jsonl" if "regressions" in results else ""))
     _write_report(args.run)
     return 0
+
+
+def cmd_score(args) -> int:
+    from tunesmith.evaluation.runner import check_run
+
+    check_run(args.run)
+    _quiet_libraries()
+    from tunesmith.data.format import transcript_messages
+    from tunesmith.methods.reward import load_reward_model
+
+    model = load_reward_model(args.run)
+    prompt = ([{"role": "system", "content": args.system}] if args.system else []) + transcript_messages(args.prompt)
+    scores = model.score([prompt] * len(args.response), args.response)
+    width = max(len(f"{s:.4f}") for s in scores)
+    ranks = {i: rank for rank, i in enumerate(sorted(range(len(scores)), key=lambda i: -scores[i]), 1)}
+    for i, (score, reply) in enumerate(zip(scores, args.response)):
+        reply = " ".join(reply.split())
+        print(f"{score:>{width}.4f}  {reply[:100] + ('…' if len(reply) > 100 else '')}"
+              + (f"  (#{ranks[i]})" if len(scores) > 1 else ""))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from tunesmith.compare import CompareOptions, run_compare
+
+    options = CompareOptions(recipe=args.recipe, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+                             overrides=[*args.overrides, *args.sets], arm_overrides=args.arm_set, out=args.out,
+                             limit=args.limit, shots=args.shots, max_new_tokens=args.max_new_tokens,
+                             batch_size=args.batch_size, seed=args.seed, fresh=args.fresh, verbose=args.verbose)
+    result = run_compare(options)
+    failed = [a["name"] for a in result["arms"] if a["status"] != "ok"]
+    if failed:
+        print(f"{len(failed)} arm{'s' if len(failed) > 1 else ''} failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _write_report(run) -> None:
@@ -218,6 +286,9 @@ def cmd_review(args) -> int:
         if args.export:
             print(f"wrote {ra.export_csv(db, args.export)}")
         print(ra.format_results(ra.review_results(db)))
+        if args.reward_model:
+            _quiet_libraries()
+            print(ra.format_agreement(ra.reward_agreement(db, args.reward_model)))
         return 0
     if not args.data:
         raise TunesmithError("--data is required to start or continue a review",
@@ -267,6 +338,6 @@ def _quiet_libraries() -> None:
 
 
 COMMANDS = {"init": cmd_init, "validate": cmd_validate, "train": cmd_train, "data": cmd_data,
-            "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "report": cmd_report,
-            "review": cmd_review, "export": cmd_export,
+            "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "score": cmd_score, "report": cmd_report,
+            "review": cmd_review, "export": cmd_export, "compare": cmd_compare,
             "methods": cmd_methods}

@@ -6,7 +6,7 @@ Reads only the run folder: the manifest says which base model and which saved we
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -23,11 +23,16 @@ class Loaded:
     tokenizer: Any
     generation_config: Any
     label: str
+    context: list[dict[str, str]] = field(default_factory=list)  # put before every conversation (a fewshot run)
 
 
 def load_run(path: str | Path, base: bool = False, dtype=None) -> Loaded:
-    """The run's tuned model (adapter applied, or full weights), or with `base=True` its untouched base model."""
+    """The run's tuned model (adapter applied, or full weights), or with `base=True` its untouched base model.
+
+    A run that prompts instead of training (method: fewshot) is its base model with the run's shots as `context`.
+    """
     run = open_run(path)  # a wrong folder fails fast, before torch is imported
+    context = [] if base else _prompting_context(run)
     from transformers import AutoTokenizer, GenerationConfig
 
     from tunesmith.methods.adapters import load_base_for, load_trained, run_adapter
@@ -39,9 +44,9 @@ def load_run(path: str | Path, base: bool = False, dtype=None) -> Loaded:
         tokenizer.pad_token = tokenizer.eos_token
     generation_config = GenerationConfig.from_pretrained(run.root)
     bm = manifest["base_model"]
-    if base:
+    if base or manifest["saved"] == "none":
         model = load_model(resolve_model(bm["name"], bm.get("cache_dir")), dtype=dtype)
-        label = f"base ({bm['resolved']})"
+        label = f"base ({bm['resolved']})" if base else f"{manifest['method']} ({run.root})"
     else:
         base_model = None
         if manifest["saved"] == "adapter":  # adapters load onto their base (4-bit again for qlora)
@@ -52,7 +57,18 @@ def load_run(path: str | Path, base: bool = False, dtype=None) -> Loaded:
         label = f"tuned ({run.root})"
     model.eval()
     model.config.use_cache = True
-    return Loaded(model, tokenizer, generation_config, label)
+    return Loaded(model, tokenizer, generation_config, label, context)
+
+
+def _prompting_context(run) -> list[dict[str, str]]:
+    """The shots a prompting run (method: fewshot) puts before every conversation; [] for other runs."""
+    from tunesmith.methods import REGISTRY
+    from tunesmith.methods.fewshot import shot_messages
+
+    method = REGISTRY.get(run.read_manifest().get("method", ""))
+    if method is None or method.prompting is None:
+        return []
+    return shot_messages(method.prompting(run.root).fixed())
 
 
 def generate(loaded: Loaded, conversations: list[list[dict[str, str]]], max_new_tokens: int = 128,
@@ -60,10 +76,13 @@ def generate(loaded: Loaded, conversations: list[list[dict[str, str]]], max_new_
     """Answer each conversation (a list of chat messages ending with a user turn); greedy when temperature is 0."""
     import torch
 
+    from tunesmith.methods.fewshot import with_context
+
     tok, answers = loaded.tokenizer, []
     for start in range(0, len(conversations), batch_size):
         chunk = conversations[start:start + batch_size]
-        texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chunk]
+        texts = [tok.apply_chat_template(with_context(c, loaded.context), tokenize=False, add_generation_prompt=True)
+                 for c in chunk]
         batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         with torch.inference_mode():
@@ -111,6 +130,9 @@ def export_merged(path: str | Path, out: str | Path, overwrite: bool = False) ->
     from tunesmith.methods.adapters import check_mergeable, merge_for_export, run_adapter
 
     run = open_run(path)
+    if run.read_manifest()["saved"] == "none":
+        raise RunError(f"{run.root}: a {run.read_manifest()['method']} run has no trained weights to export",
+                       "its base model is the model: use model.name from its recipe.yaml directly")
     adapter = run_adapter(run, run.read_manifest()).adapter
     check_mergeable(adapter)
     out = Path(out)

@@ -187,6 +187,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> tuple[dict, list[str]]:
 
 
 _PATH_KEYS = ("data.train", "data.validation", "data.class_weights", "model.cache_dir", "output.dir")
+RUN_KEYS = ("start_from", "policy", "reward_model")  # method settings that name another run folder
+_PATH_KEYS += tuple(f"method.{key}" for key in RUN_KEYS)
 
 
 def _resolve_paths(raw: dict, base: Path) -> None:
@@ -304,6 +306,12 @@ def _file_checks(s: dict[str, Any]) -> list[str]:
         if weights not in (None, "auto") and not Path(weights).is_file():
             out.append(f"`data.class_weights`: {weights!r} is neither 'auto' nor an existing JSON file "
                        "(write one with `tunesmith data balance DATA --strategy weights --out weights.json`)")
+    method = s.get("method")
+    for key in RUN_KEYS:
+        value = getattr(method, key, None)
+        if isinstance(value, str) and not (Path(value) / "manifest.json").is_file():
+            out.append(f"`method.{key}`: {value!r} is not a finished run folder (no manifest.json); "
+                       "train that run first, or fix the path (relative to the recipe file)")
     model = s.get("model")
     if model and model.name not in BUNDLED_MODELS and not Path(model.name).expanduser().exists():
         out.append(f"`model.name`: {model.name!r} is neither a bundled model ({', '.join(BUNDLED_MODELS)}) nor an "

@@ -252,9 +252,30 @@ def _evaluation(folder: Path) -> str:
         out.append("<h3>Answer lengths (words)</h3>" + _length_chart(systems, examples))
     out.append(_best_worst(results, systems, examples))
     out.append(_leakage(results))
+    if results.get("alignment"):
+        out.append("<h3>Reward model</h3>" + _alignment(results["alignment"]))
     if results.get("forgetting"):
         out.append("<h3>Forgetting check (general-ability set)</h3>" + _forgetting(results["forgetting"]))
     return "".join(out)
+
+
+def _alignment(a: dict[str, Any]) -> str:
+    """Mean reward per system, the tuned system's win rates, and its KL to the base model."""
+    rows = [[name, f"{s['mean_reward']:+.3f}", f"[{s['reward_ci'][0]:+.3f}, {s['reward_ci'][1]:+.3f}]",
+             _win_cell(a["win_rate"].get(name))] for name, s in a["systems"].items()]
+    kl = a.get("kl_to_base")
+    note = (f"<p>KL to the base model on the tuned answers: {kl['kl_per_answer']:.3f} nats per answer "
+            f"({kl['kl_per_token']:.4f} per token); tuned answers average {kl['answer_tokens_mean']:.1f} tokens — "
+            "a reward that rises with length alone is the reward model being gamed.</p>" if kl else "")
+    return (f"<p class='muted'>scored by {_e(a['reward_model'])}</p>"
+            + _table(["system", "mean reward", "95% interval", "tuned wins against it"], rows) + note)
+
+
+def _win_cell(w: dict[str, Any] | None) -> str:
+    if not w:
+        return "—"
+    return (f"{w['win_rate']:.1%} [{w['ci_low']:.1%}, {w['ci_high']:.1%}] "
+            f"({w['wins']} wins, {w['losses']} losses, {w['ties']} ties)")
 
 
 def _metric_table(systems: list[str], metrics: dict[str, dict[str, Any]]) -> str:

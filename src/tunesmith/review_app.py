@@ -343,6 +343,38 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def reward_agreement(db_path: Path, reward_run: str | Path) -> dict[str, Any]:
+    """How often a reward model prefers the answer the reviewers preferred, over items whose votes are not a tie
+    (a reward tie counts half); with a 95% Wilson interval. Saved next to the votes for the report."""
+    from tunesmith.methods.reward import load_reward_model
+
+    model = load_reward_model(reward_run)
+    with closing(_connect(db_path)) as conn:
+        rows = conn.execute(
+            "SELECT items.prompt, items.answer_a, items.answer_b, AVG(CASE winner WHEN 'a' THEN 1.0 "
+            "WHEN 'tie' THEN 0.5 ELSE 0.0 END) AS human FROM votes JOIN items ON items.id = votes.item_id "
+            f"WHERE {COMPLETE} GROUP BY items.id HAVING human != 0.5").fetchall()
+    prompts = [json.loads(r["prompt"]) for r in rows]
+    scores_a = model.score(prompts, [r["answer_a"] for r in rows])
+    scores_b = model.score(prompts, [r["answer_b"] for r in rows])
+    agree = [0.5 if sa == sb else float((sa > sb) == (r["human"] > 0.5))
+             for r, sa, sb in zip(rows, scores_a, scores_b)]
+    rate = sum(agree) / len(agree) if agree else None
+    low, high = wilson_interval(rate, len(agree)) if agree else (None, None)
+    found = {"reward_model": str(reward_run), "items": len(agree), "agreement": rate, "ci_low": low, "ci_high": high,
+             "reward_prefers_a": sum(sa > sb for sa, sb in zip(scores_a, scores_b))}
+    db_path.with_suffix(".reward.json").write_text(json.dumps(found, indent=2))
+    return found
+
+
+def format_agreement(found: dict[str, Any]) -> str:
+    """One line: the reward model's agreement with the reviewers."""
+    if found["agreement"] is None:
+        return f"reward model {found['reward_model']}: no decided items to compare yet"
+    return (f"reward model {found['reward_model']} agrees with the reviewers on {found['agreement']:.1%} of "
+            f"{found['items']} decided items (95% CI {found['ci_low']:.1%} to {found['ci_high']:.1%})")
+
+
 def report_section(db_path: Path) -> str:
     """An HTML fragment (a <div> headed "A vs B") with one review's results, for the run's report section."""
     r = review_results(db_path)
@@ -352,11 +384,13 @@ def report_section(db_path: Path) -> str:
         f"{r['win_rate_a']:.1%} (95% CI {r['ci_low']:.1%} – {r['ci_high']:.1%}, ties count half)"
     rows = "".join(f"<tr><td>{e(name)}</td><td>{c['votes']}</td><td>{c['a_wins']}</td><td>{c['b_wins']}</td>"
                    f"<td>{c['ties']}</td></tr>" for name, c in r["by_reviewer"].items())
+    saved = db_path.with_suffix(".reward.json")
+    agreement = f"<p>{e(format_agreement(json.loads(saved.read_text())))}</p>" if saved.exists() else ""
     return (f"<div class='review'><h3>{a} vs {b}</h3>"
             f"<p>{r['items_voted']} of {r['items']} items voted · {r['votes']} votes · win rate of {a}: {rate}</p>"
             f"<table><tr><th>reviewer</th><th>votes</th><th>{a} wins</th><th>{b} wins</th><th>ties</th></tr>"
             f"<tr><td><b>all</b></td><td>{r['votes']}</td><td>{r['a_wins']}</td><td>{r['b_wins']}</td>"
-            f"<td>{r['ties']}</td></tr>{rows}</table></div>")
+            f"<td>{r['ties']}</td></tr>{rows}</table>{agreement}</div>")
 
 
 def export_csv(db_path: Path, out: Path) -> Path:

@@ -6,8 +6,9 @@ The BOS token appears once: either the template writes it or we add it, never bo
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from tunesmith.data.records import Record
 from tunesmith.errors import DataError
@@ -24,6 +25,7 @@ class Encoded:
     truncated: bool
     full_length: int
     weight: float = 1.0  # the row's loss weight (class weights for classification; 1 otherwise)
+    COLUMNS: ClassVar[tuple[str, ...]] = ("input_ids", "labels")  # what a trainer's dataset holds of the row
 
     @property
     def trained_tokens(self) -> int:
@@ -31,7 +33,8 @@ class Encoded:
 
 
 def to_messages(record: Record, system_prompt: str | None = None) -> list[dict[str, str]]:
-    """The chat messages for a chat, instruction or classification record."""
+    """The chat messages for a chat, instruction or classification record (a preference record: with its chosen
+    reply)."""
     if record.kind == "chat":
         messages = list(record.data["messages"])
     elif record.kind == "instruction":
@@ -42,6 +45,8 @@ def to_messages(record: Record, system_prompt: str | None = None) -> list[dict[s
     elif record.kind == "classification":
         messages = [{"role": "user", "content": record.data["text"]},
                     {"role": "assistant", "content": record.data["label"]}]
+    elif record.kind == "preference":  # the preferred conversation: what a policy should answer
+        messages = preference_pair(record).conversation("chosen")
     else:
         raise DataError(f"{record.source}: line {record.line}: {record.kind} records have no chat form")
     if system_prompt and messages[0]["role"] != "system":
@@ -56,15 +61,73 @@ def prompt_messages(record: Record, system_prompt: str | None = None) -> list[di
     return messages[:last]
 
 
+TRANSCRIPT_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant|User|System):[ \t]?")
+TRANSCRIPT_ROLES = {"Human": "user", "User": "user", "Assistant": "assistant", "System": "system"}
+
+
+def transcript_messages(text: str) -> list[dict[str, str]]:
+    """A prompt as chat messages: "\\n\\nHuman: …\\n\\nAssistant: …" transcripts (HH-RLHF style) become turns; any
+    other text is one user message. A trailing empty "Assistant:" (the turn to be answered) is dropped."""
+    marks = list(TRANSCRIPT_TURN.finditer(text))
+    if not marks or text[:marks[0].start()].strip():
+        return [{"role": "user", "content": text.strip()}]
+    messages = []
+    for mark, nxt in zip(marks, marks[1:] + [None]):
+        content = text[mark.end():nxt.start() if nxt else len(text)].strip()
+        messages.append({"role": TRANSCRIPT_ROLES[mark.group(1)], "content": content})
+    if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    if any(not m["content"] for m in messages):
+        return [{"role": "user", "content": text.strip()}]  # not a clean transcript: keep it whole
+    return messages
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A preference record in chat form: the prompt's messages and the two competing assistant replies."""
+
+    prompt: list[dict[str, str]]
+    chosen: str
+    rejected: str
+
+    def conversation(self, which: str) -> list[dict[str, str]]:
+        """The prompt followed by the `chosen` or `rejected` reply as the assistant's turn."""
+        return self.prompt + [{"role": "assistant", "content": getattr(self, which)}]
+
+
+def preference_pair(record: Record, system_prompt: str | None = None) -> PreferencePair:
+    """The chat form of a preference record (prompt, chosen, rejected); replies lose their surrounding spaces."""
+    if record.kind != "preference":
+        raise DataError(f"{record.source}: line {record.line}: expected a preference row (prompt, chosen, rejected), "
+                        f"got a {record.kind} row")
+    prompt = transcript_messages(record.data["prompt"])
+    if system_prompt and prompt[0]["role"] != "system":
+        prompt.insert(0, {"role": "system", "content": system_prompt})
+    return PreferencePair(prompt, record.data["chosen"].strip(), record.data["rejected"].strip())
+
+
 def encode(record: Record, tokenizer, max_len: int, train_on: str = "responses",
            system_prompt: str | None = None) -> Encoded:
-    """Tokenize one record for causal-LM training, truncating to `max_len` tokens (keeping the start)."""
+    """Tokenize one record for causal-LM training, truncating to `max_len` tokens (keeping the start; a preference
+    record, trained on its chosen reply, keeps the end)."""
     if record.kind == "text":
         ids, labels = encode_text(tokenizer, record.data["text"])
     else:
         ids, labels = encode_chat(tokenizer, to_messages(record, system_prompt), train_on)
     full = len(ids)
+    if record.kind == "preference":  # SFT on the chosen reply: the earlier turns are context, and a long
+        ids, labels = last_answer_only(ids, labels)  # conversation loses its start, not the reply
+        return Encoded(ids[-max_len:], labels[-max_len:], full > max_len, full)
     return Encoded(ids[:max_len], labels[:max_len], full > max_len, full)
+
+
+def last_answer_only(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """Keep the labels of the last assistant turn only (earlier turns, e.g. few-shot examples, are context)."""
+    end = max((i for i, x in enumerate(labels) if x != IGNORE), default=-1)
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    return ids, [x if start <= i <= end else IGNORE for i, x in enumerate(labels)]
 
 
 def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:

@@ -84,6 +84,13 @@ def paired_bootstrap_means(a: np.ndarray, b: np.ndarray, n_resamples: int = 1000
     return _summary(float(a.mean()), float(b.mean()), diffs, alpha, len(a))
 
 
+def mean_interval(values, n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """A percentile bootstrap interval of one system's mean per-example value: {"mean", "ci_low", "ci_high", "n"}."""
+    values = np.asarray(values, dtype=float)
+    found = paired_bootstrap_means(values, np.zeros_like(values), n_resamples, seed, alpha)
+    return {"mean": found["a"], "ci_low": found["ci_low"], "ci_high": found["ci_high"], "n": found["n"]}
+
+
 def compare_systems(per_example: dict[str, list[dict]], task: str, reference_system: str,
                     metrics: list[str] | None = None, n_resamples: int = 1000, seed: int = 0,
                     labels: list[str] | None = None) -> list[dict]:

@@ -29,14 +29,15 @@ import numpy as np
 
 from tunesmith.errors import TunesmithError
 
-TASKS = ("classification", "generation")
+TASKS = ("classification", "generation", "preference")
 OTHER_LABEL = "(other)"
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 MEAN_METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("accuracy",),
     "generation": ("rouge1", "rouge2", "rougeL", "exact_match", "chrf", "bleu"),
+    "preference": ("pairwise_accuracy", "mean_margin"),  # per pair: 1 / 0.5 (tie) / 0, and chosen - rejected
 }
-CORPUS_METRICS: dict[str, tuple[str, ...]] = {"classification": ("macro_f1",), "generation": ()}
+CORPUS_METRICS: dict[str, tuple[str, ...]] = {"classification": ("macro_f1",), "generation": (), "preference": ()}
 
 
 def task_metrics(task: str) -> tuple[str, ...]:
@@ -286,11 +287,17 @@ def perplexity(token_nll_sums: list[float], token_counts: list[int]) -> dict:
 
 def pairwise_accuracy(chosen_scores: list[float], rejected_scores: list[float]) -> dict:
     """Share of preference pairs where the chosen response scores higher (a tie counts 0.5), and the mean margin."""
+    rows = pair_rows(chosen_scores, rejected_scores)
+    return {"pairwise_accuracy": float(np.mean([r["pairwise_accuracy"] for r in rows])),
+            "mean_margin": float(np.mean([r["mean_margin"] for r in rows])), "n": len(rows)}
+
+
+def pair_rows(chosen_scores: list[float], rejected_scores: list[float]) -> list[dict]:
+    """The per-pair rows the bootstrap resamples: pairwise_accuracy 1 / 0.5 / 0, mean_margin = chosen - rejected."""
     _check_pair("chosen_scores", chosen_scores, "rejected_scores", rejected_scores)
-    margins = np.asarray(chosen_scores, dtype=float) - np.asarray(rejected_scores, dtype=float)
-    wins = (margins > 0).sum() + 0.5 * (margins == 0).sum()
-    return {"pairwise_accuracy": float(wins / len(margins)), "mean_margin": float(margins.mean()),
-            "n": len(margins)}
+    return [{"pairwise_accuracy": 1.0 if c > r else 0.5 if c == r else 0.0, "mean_margin": float(c - r),
+             "chosen_score": float(c), "rejected_score": float(r)}
+            for c, r in zip(chosen_scores, rejected_scores)]
 
 
 # ------------------------------------------------------------------------------------------------- checking

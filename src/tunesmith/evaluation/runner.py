@@ -9,7 +9,6 @@ wins and losses, the forgetting check, and the files under RUN/eval/NAME/.
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +17,13 @@ from typing import Any, Callable
 from tunesmith import artifacts
 from tunesmith.artifacts import open_run
 from tunesmith.data import prepare_data
-from tunesmith.data.format import prompt_messages, to_messages
+from tunesmith.data.format import prompt_messages
 from tunesmith.data.records import Record, load_records, record_text
 from tunesmith.errors import DataError, RunError
 
-TASKS = {"classification": "classification", "chat": "generation", "instruction": "generation", "text": "lm"}
-PRIMARY = {"classification": "accuracy", "generation": "rougeL", "lm": "perplexity"}
+TASKS = {"classification": "classification", "chat": "generation", "instruction": "generation", "text": "lm",
+         "preference": "preference"}
+PRIMARY = {"classification": "accuracy", "generation": "rougeL", "lm": "perplexity", "preference": "pairwise_accuracy"}
 GENERAL = Path(__file__).parent / "general"
 
 
@@ -43,6 +43,7 @@ class EvalOptions:
     n_resamples: int = 1000
     seed: int = 0
     name: str | None = None  # folder under RUN/eval/ (default: the data file's stem, or 'heldout')
+    reward_model: str | None = None  # a reward-model run: score every system's answers, win rates, KL to base
 
 
 @dataclass
@@ -65,27 +66,36 @@ def evaluate_run(run_path: str | Path, options: EvalOptions | None = None,
     started = time.time()
     run = open_run(run_path)
     rows = eval_rows(run, options)
-    task = TASKS.get(rows.kind)
-    if task is None:
-        raise DataError(f"{rows.source}: {rows.kind} rows can't be evaluated by an SFT run",
-                        "preference data is scored by a reward-model run (method: reward)")
+    is_reward = run.read_manifest().get("method") == "reward"
+    task = TASKS[rows.kind] if rows.kind != "preference" or is_reward else "generation"  # a policy answers prompts
+    if is_reward and task != "preference":
+        raise DataError(f"{rows.source}: a reward-model run scores preference rows, not {rows.kind} rows",
+                        "evaluate it on a preference file (pairwise accuracy); `tunesmith score RUN --prompt … "
+                        "--response …` scores single replies")
     echo(f"evaluating {run.root} on {len(rows.rows)} rows of {rows.source} ({rows.kind}; "
          f"{len(rows.excluded)} excluded as leaked from training)")
     classifier = classifier_predict(run)
     if classifier is not None and task != "classification":
         raise DataError(f"{run.root}: a classifier run can only be evaluated on classification rows")
-    systems = system_specs(run, options, encoder=classifier is not None and not _has_lm_head(run))
+    if task == "preference":
+        systems = reward_specs(run, options, echo)
+    else:
+        systems = system_specs(run, options, encoder=classifier is not None and not _has_lm_head(run), task=task)
     per_example: dict[str, list[dict[str, Any]]] = {}
     outputs: dict[str, list[Any]] = {}
     for name, spec in systems.items():
         t = time.time()
-        if name == "tuned" and classifier is not None:
+        if task == "preference":
+            outputs[name], per_example[name] = run_reward(spec, rows, options)
+        elif name == "tuned" and classifier is not None:
             outputs[name], per_example[name] = run_classifier(classifier, spec, rows, options)
         else:
             outputs[name], per_example[name] = run_system(spec, systems, rows, task, options)
         echo(f"  {name}: {len(rows.rows)} rows in {time.time() - t:.1f} s")
     results = summarize(rows, task, per_example, outputs, options)
-    if options.forgetting and task != "lm" and classifier is None:
+    if options.reward_model:
+        results["alignment"] = reward_check(systems, rows, task, outputs, per_example, options, echo)
+    if options.forgetting and task not in ("lm", "preference") and classifier is None:
         results["forgetting"] = forgetting_check(systems, options, echo)
     results["seconds"] = round(time.time() - started, 1)
     out = run.root / "eval" / (options.name or (Path(options.data).stem if options.data else "heldout"))
@@ -104,7 +114,9 @@ def eval_rows(run, options: EvalOptions) -> EvalRows:
     recipe = load_recipe(run.recipe, check_files=False)
     data = prepare_data(recipe.data, recipe.train.seed)
     if options.data:
-        load = load_records(options.data, data.kind, recipe.data.columns, data.labels)
+        answers = ("chat", "instruction", "preference")  # a generator answers the prompts of any of these
+        load = load_records(options.data, "auto" if data.kind in answers else data.kind, recipe.data.columns,
+                            data.labels)
         rows, source = load.records, options.data
         if load.rejects:
             raise DataError(f"{options.data}: {len(load.rejects)} rows can't be read as {data.kind} rows "
@@ -122,7 +134,7 @@ def eval_rows(run, options: EvalOptions) -> EvalRows:
         kept = rows
     if not kept:
         raise DataError(f"{source}: every row matches a training row", "evaluate on data the run did not train on")
-    return EvalRows(data.kind, kept, source, excluded, data.labels, data.train, recipe.data.system_prompt)
+    return EvalRows(kept[0].kind, kept, source, excluded, data.labels, data.train, recipe.data.system_prompt)
 
 
 def leakage_guard(rows: list[Record], train: list[Record], threshold: float) -> tuple[list[Record], list[dict]]:
@@ -152,14 +164,17 @@ class SystemSpec:
     base: bool = False
     shots: int = 0
     loaded: Any = None
+    examples: Callable[[list[Record]], list[list[Record]]] | None = None  # each row's own shots (a fewshot run)
 
 
-def system_specs(run, options: EvalOptions, encoder: bool = False) -> dict[str, SystemSpec]:
+def system_specs(run, options: EvalOptions, encoder: bool = False, task: str = "") -> dict[str, SystemSpec]:
     """tuned first, then each comparison in the order given (base and fewshot need a language-model base)."""
-    specs = {"tuned": SystemSpec("tuned", str(run.root))}
+    specs = {"tuned": tuned_spec(run)}
     for item in options.against:
         if encoder and item in ("base", "fewshot"):
             continue  # an encoder base (e.g. minilm) can't answer prompts
+        if task == "lm" and item == "fewshot":
+            continue  # plain text has no prompts to put examples in front of: it would be the base again
         if item == "base":
             specs["base"] = SystemSpec("base", str(run.root), base=True)
         elif item == "fewshot":
@@ -169,6 +184,17 @@ def system_specs(run, options: EvalOptions, encoder: bool = False) -> dict[str, 
             name = other.root.name if other.root.name not in specs else str(other.root)
             specs[name] = SystemSpec(name, str(other.root))
     return specs
+
+
+def tuned_spec(run) -> SystemSpec:
+    """The run's own system; for a run that prompts instead of training (method: fewshot), its base model with the
+    shots the run picks for each row."""
+    from tunesmith.methods import REGISTRY
+
+    method = REGISTRY.get(run.read_manifest().get("method", ""))
+    if method is None or method.prompting is None:
+        return SystemSpec("tuned", str(run.root))
+    return SystemSpec("tuned", str(run.root), base=True, examples=method.prompting(run.root).for_rows)
 
 
 def load_system(spec: SystemSpec, specs: dict[str, SystemSpec] | None = None):
@@ -215,7 +241,7 @@ def run_system(spec: SystemSpec, systems: dict[str, SystemSpec], rows: EvalRows,
     if task == "lm":
         nll = text_nll(loaded, [r.data["text"] for r in rows.rows], batch_size=options.batch_size)
         return [n for n in nll], [{"nll": s, "tokens": n} for s, n in nll]
-    prompts = [with_shots(r, rows.train, spec.shots, options.seed, rows.system_prompt) for r in rows.rows]
+    prompts = shot_prompts(spec, rows, options.seed)
     bar = tqdm(total=len(prompts), desc=spec.name, unit="row", leave=False)
     if task == "classification":
         scores = score_labels(loaded, prompts, rows.labels, batch_size=options.batch_size,
@@ -258,26 +284,61 @@ def run_classifier(predict, spec: SystemSpec, rows: EvalRows, options: EvalOptio
     return preds, per
 
 
+def reward_specs(run, options: EvalOptions, echo: Callable[[str], None]) -> dict[str, SystemSpec]:
+    """The reward model under evaluation and any other reward-model runs named in `--against`."""
+    specs = {"tuned": SystemSpec("tuned", str(run.root))}
+    for item in options.against:
+        if item in ("base", "fewshot"):
+            continue  # a base model has no reward head: nothing to compare on preference pairs
+        other = open_run(item)
+        if other.read_manifest().get("method") != "reward":
+            echo(f"  skipping {item}: not a reward-model run")
+            continue
+        name = other.root.name if other.root.name not in specs else str(other.root)
+        specs[name] = SystemSpec(name, str(other.root))
+    return specs
+
+
+def run_reward(spec: SystemSpec, rows: EvalRows, options: EvalOptions):
+    """A reward model's scores of each pair's chosen and rejected reply, and the per-pair rows."""
+    from tqdm.auto import tqdm
+
+    from tunesmith.evaluation.metrics import pair_rows
+    from tunesmith.methods.reward import score_pairs
+
+    with tqdm(total=2 * len(rows.rows), desc="scoring pairs", unit="reply", leave=False) as bar:
+        chosen, rejected = score_pairs(spec.path, rows.rows, rows.system_prompt, options.batch_size, bar.update)
+    per = pair_rows(chosen, rejected)
+    return [(c, r) for c, r in zip(chosen, rejected)], per
+
+
 def with_shots(record: Record, train: list[Record], shots: int, seed: int,
                system_prompt: str | None = None) -> list[dict[str, str]]:
     """The prompt for a row, preceded by `shots` solved examples from the training rows (seeded, per row)."""
+    from tunesmith.methods.fewshot import random_shots, shot_messages, with_context
+
     prompt = prompt_messages(record, system_prompt)
     if not shots or not train:
         return prompt
-    rng = random.Random(f"{seed}:{record.source}:{record.line}")
-    own = record_text(record.kind, record.data, "prompt")
-    pool = [r for r in rng.sample(train, min(len(train), shots + 1)) if record_text(r.kind, r.data, "prompt") != own]
-    context: list[dict[str, str]] = []
-    for example in pool[:shots]:
-        context.extend(m for m in to_messages(example) if m["role"] != "system")
-    head = [m for m in prompt if m["role"] == "system"]
-    return head + context + [m for m in prompt if m["role"] != "system"]
+    return with_context(prompt, shot_messages(random_shots(record, train, shots, seed)))
+
+
+def shot_prompts(spec: SystemSpec, rows: EvalRows, seed: int) -> list[list[dict[str, str]]]:
+    """Each row's prompt for a system: after the shots it picks itself (a fewshot run), or `spec.shots` random ones."""
+    if spec.examples is None:
+        return [with_shots(r, rows.train, spec.shots, seed, rows.system_prompt) for r in rows.rows]
+    from tunesmith.methods.fewshot import shot_messages, with_context
+
+    return [with_context(prompt_messages(r, rows.system_prompt), shot_messages(examples))
+            for r, examples in zip(rows.rows, spec.examples(rows.rows))]
 
 
 def references(record: Record) -> list[str]:
     """The reference answers of a row: its answer, plus any `references` list the row carries."""
     if record.kind == "instruction":
         main = record.data["output"]
+    elif record.kind == "preference":
+        main = record.data["chosen"].strip()
     else:
         main = [m for m in record.data["messages"] if m["role"] == "assistant"][-1]["content"]
     extra = (record.raw or {}).get("references")
@@ -292,7 +353,7 @@ def summarize(rows: EvalRows, task: str, per_example: dict[str, list[dict]], out
               options: EvalOptions) -> dict[str, Any]:
     """Corpus metrics per system, paired-bootstrap differences of tuned against each other system, wins/losses."""
     from tunesmith.evaluation import metrics as m
-    from tunesmith.evaluation.bootstrap import compare_systems, wins_losses
+    from tunesmith.evaluation.bootstrap import compare_systems, mean_interval, wins_losses
 
     results: dict[str, Any] = {"task": task, "kind": rows.kind, "data": rows.source, "rows": len(rows.rows),
                                "excluded_leaked": len(rows.excluded), "excluded": rows.excluded[:50],
@@ -303,6 +364,11 @@ def summarize(rows: EvalRows, task: str, per_example: dict[str, list[dict]], out
                                                                 rows.labels)
         elif task == "generation":
             results["metrics"][name] = m.generation_metrics(outputs[name], [references(r) for r in rows.rows])
+        elif task == "preference":
+            results["metrics"][name] = m.pairwise_accuracy([p["chosen_score"] for p in per],
+                                                           [p["rejected_score"] for p in per])
+            interval = mean_interval([p["pairwise_accuracy"] for p in per], options.n_resamples, options.seed)
+            results["metrics"][name]["pairwise_accuracy_ci"] = [interval["ci_low"], interval["ci_high"]]
         else:
             results["metrics"][name] = m.perplexity([p["nll"] for p in per], [p["tokens"] for p in per])
     if task != "lm" and len(per_example) > 1:
@@ -311,6 +377,28 @@ def summarize(rows: EvalRows, task: str, per_example: dict[str, list[dict]], out
         results["wins_losses"] = {other: wins_losses(per_example["tuned"], per_example[other], PRIMARY[task])
                                   for other in per_example if other != "tuned"}
     return results
+
+
+def reward_check(systems: dict[str, SystemSpec], rows: EvalRows, task: str, outputs: dict[str, list],
+                 per_example: dict[str, list[dict]], options: EvalOptions, echo: Callable[[str], None]) -> dict:
+    """Every system's answers scored by the reward model, tuned's win rates, and tuned's KL to its base."""
+    from tunesmith.evaluation.alignment import alignment_metrics, kl_to_base
+
+    if task != "generation":
+        raise DataError(f"--reward-model scores generated answers; {rows.source} holds {rows.kind} rows",
+                        "evaluate on prompts the policy answers: chat, instruction or preference rows")
+    t = time.time()
+    prompts = [prompt_messages(r, rows.system_prompt) for r in rows.rows]
+    kl = None
+    tuned = systems["tuned"]
+    if not tuned.base:  # a run that trained weights; a prompting run (fewshot) is its base
+        base = systems.get("base") or SystemSpec("base", tuned.path, base=True)
+        kl = kl_to_base(load_system(tuned, systems), load_system(base, systems), prompts, outputs["tuned"],
+                        options.batch_size)
+    found = alignment_metrics(options.reward_model, prompts, outputs, per_example, kl, options.n_resamples,
+                              options.seed, options.batch_size)
+    echo(f"  reward model: {len(outputs)} systems scored in {time.time() - t:.1f} s")
+    return found
 
 
 def forgetting_check(systems: dict[str, SystemSpec], options: EvalOptions,
@@ -363,6 +451,8 @@ def write_outputs(out: Path, rows: EvalRows, task: str, per_example: dict[str, l
             item["label"] = r.data["label"]
         elif task == "generation":
             item["references"] = references(r)
+        elif task == "preference":
+            item.update(chosen=r.data["chosen"], rejected=r.data["rejected"])
         for name in per_example:
             item[name] = {"output": outputs[name][i] if task != "lm" else None, **per_example[name][i]}
         examples.append(item)

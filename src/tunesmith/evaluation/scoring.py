@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from tunesmith.data.format import IGNORE, encode_chat, encode_text
+from tunesmith.data.format import IGNORE, encode_chat, encode_text, last_answer_only  # noqa: F401 - re-exported
 
 
 def sequence_logprobs(model, sequences: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 16,
@@ -61,15 +61,6 @@ def score_labels(loaded, prompts: list[list[dict[str, str]]], labels: list[str],
         row = scored[p * len(labels):(p + 1) * len(labels)]
         out.append({label: s for label, (s, _) in zip(labels, row)})
     return out
-
-
-def last_answer_only(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
-    """Keep the labels of the last assistant turn only (few-shot examples earlier in the prompt are context)."""
-    end = max((i for i, x in enumerate(labels) if x != IGNORE), default=-1)
-    start = end
-    while start > 0 and labels[start - 1] != IGNORE:
-        start -= 1
-    return ids, [x if start <= i <= end else IGNORE for i, x in enumerate(labels)]
 
 
 def text_nll(loaded, texts: list[str], max_len: int = 1024, batch_size: int = 8) -> list[tuple[float, int]]:

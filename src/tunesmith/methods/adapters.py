@@ -511,3 +511,28 @@ def merge_for_export(model, adapter: str):
     if hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
     return model
+
+
+def merged_run_folder(run_path, folder) -> ModelSource:
+    """Write a finished causal-LM run's model (its adapter merged in) to `folder`, as the starting point of another
+    method (a reward model or a policy that starts from an SFT run); return it as a ModelSource."""
+    from pathlib import Path
+
+    from tunesmith.artifacts import open_run
+    from tunesmith.model import resolve_model
+
+    run = open_run(run_path)
+    if not run.manifest.exists():
+        raise RunError(f"{run.root}: no manifest.json — the run did not finish", "train it to the end first")
+    manifest = run.read_manifest()
+    params = run_adapter(run, manifest)
+    if ADAPTERS[params.adapter].merge:
+        raise RunError(f"{run.root}: can't start from a `{params.adapter}` run: {ADAPTERS[params.adapter].merge}",
+                       "start from a run trained with lora, dora, ia3, freeze or full")
+    base = None
+    if manifest["saved"] == "adapter":
+        bm = manifest["base_model"]
+        base = load_base_for(params.adapter, params, resolve_model(bm["name"], bm.get("cache_dir")))
+    model = merge_for_export(load_trained(run, manifest, base), params.adapter)
+    model.save_pretrained(folder)
+    return ModelSource(Path(folder), label=f"{run.root} (merged)")

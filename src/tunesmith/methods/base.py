@@ -14,6 +14,8 @@ class Method:
 
     `predict(run_dir, texts)`, for methods whose run is a classifier rather than a generator, returns one
     `{label: probability}` dict per text; `tunesmith eval` uses it instead of scoring label words.
+    `prompting(run_dir)`, for methods that train nothing (fewshot), returns the run's shot picker: `for_rows(records)`
+    gives each evaluation row's in-context examples, `fixed()` those generate and chat put before a conversation.
     """
 
     name: str
@@ -23,6 +25,7 @@ class Method:
     train: Callable[["Any"], "TrainOutcome"]
     predict: Callable[..., list[dict[str, float]]] | None = None
     encode: Callable[..., Any] | None = None  # rows -> model inputs, when not the chat-formatted causal-LM rows
+    prompting: Callable[..., Any] | None = None  # runs that prompt the base model instead of training: run dir -> shots
 
 
 @dataclass

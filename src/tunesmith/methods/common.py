@@ -34,10 +34,12 @@ class Job:
 
 
 def to_dataset(rows: list[Encoded]):
-    """A `datasets.Dataset` of input_ids and labels (and `weight` when some row's loss weight isn't 1)."""
+    """A `datasets.Dataset` of the rows' COLUMNS (input_ids and labels for most rows), and `weight` when some
+    row's loss weight isn't 1."""
     from datasets import Dataset
 
-    columns = {"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]}
+    names = rows[0].COLUMNS if rows else Encoded.COLUMNS
+    columns = {name: [getattr(r, name) for r in rows] for name in names}
     if any(r.weight != 1.0 for r in rows):
         columns["weight"] = [r.weight for r in rows]
     return Dataset.from_dict(columns)

@@ -91,6 +91,6 @@ METHOD = Method(
     name="sft",
     summary="supervised fine-tuning on chats, instructions, labels or text, with any adapter",
     params=SFTParams,
-    record_types=("chat", "instruction", "classification", "text"),
+    record_types=("chat", "instruction", "classification", "text", "preference"),  # preference: the chosen reply
     train=train,
 )
