@@ -83,11 +83,21 @@ class PromptRow(Encoded):
     COLUMNS: ClassVar[tuple[str, ...]] = ("prompt",)
 
 
+PROMPT_KINDS = ("preference", "chat", "instruction", "text")  # rows whose prompts the online methods answer
+
+
 def record_prompt(record, system_prompt: str | None) -> list[dict[str, str]]:
-    """The messages a reply is sampled for: a preference row's prompt, or a chat/instruction row's turns before the
-    last assistant turn."""
+    """The messages a reply is sampled for: a preference row's prompt, a chat/instruction row's turns before the
+    last assistant turn, or a text row's text as the user's turn (an HH-RLHF style transcript becomes its turns)."""
     if record.kind == "preference":
         return preference_pair(record, system_prompt).prompt
+    if record.kind == "text":
+        from tunesmith.data.format import transcript_messages
+
+        messages = transcript_messages(record.data["text"])
+        if system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        return messages
     return prompt_messages(record, system_prompt)
 
 
@@ -95,9 +105,9 @@ def encode_prompts(data, tokenizer, recipe) -> AlignmentRows:
     """Records -> PromptRows whose rendered prompt fits in max_seq_len - max_completion_length tokens."""
     from tunesmith.errors import DataError
 
-    if data.kind not in ("preference", "chat", "instruction"):
-        raise DataError(f"method {recipe.method.name!r} samples replies to prompts from preference, chat or "
-                        f"instruction rows, got {data.kind} rows", "set data.format and map the columns")
+    if data.kind not in PROMPT_KINDS:
+        raise DataError(f"method {recipe.method.name!r} samples replies to prompts from preference, chat, "
+                        f"instruction or text rows, got {data.kind} rows", "set data.format and map the columns")
     budget = recipe.train.max_seq_len - recipe.method.max_completion_length
     if budget <= 0:
         raise RecipeError("recipe", [f"`method.max_completion_length`: {recipe.method.max_completion_length} leaves "
@@ -271,9 +281,9 @@ def train_rloo(job) -> TrainOutcome:
 
 METHODS = (
     Method(name="grpo", summary="GRPO: sample replies to prompts, learn from a reward model or a Python function",
-           params=GRPOParams, record_types=("preference", "chat", "instruction"), train=train_grpo,
+           params=GRPOParams, record_types=PROMPT_KINDS, train=train_grpo,
            encode=encode_prompts),
     Method(name="rloo", summary="RLOO: REINFORCE leave-one-out on sampled replies, reward model or Python function",
-           params=RLOOParams, record_types=("preference", "chat", "instruction"), train=train_rloo,
+           params=RLOOParams, record_types=PROMPT_KINDS, train=train_rloo,
            encode=encode_prompts),
 )

@@ -29,9 +29,8 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field
 
-from tunesmith.data.format import IGNORE
 from tunesmith.methods.base import Method, TrainOutcome
-from tunesmith.methods.online import OnlineParams, PromptRow
+from tunesmith.methods.online import PROMPT_KINDS, OnlineParams, PromptRow, encode_prompts  # noqa: F401 - re-exported
 from tunesmith.recipe import MethodParams
 
 VALUE_HEAD = "value_head.safetensors"
@@ -141,50 +140,6 @@ class AdaptiveKL:
 
 
 # ----------------------------------------------------------------------------------------------- prompts
-
-
-def prompt_of(record, system_prompt: str | None = None) -> list[dict[str, str]]:
-    """What a reply is sampled for: online.record_prompt's messages, or a text row's text as the user's turn (an
-    HH-RLHF style transcript becomes its turns)."""
-    from tunesmith.data.format import transcript_messages
-    from tunesmith.methods.online import record_prompt
-
-    if record.kind != "text":
-        return record_prompt(record, system_prompt)
-    messages = transcript_messages(record.data["text"])
-    if system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return messages
-
-
-def encode_prompts(data, tokenizer, recipe):
-    """Records -> online.PromptRows whose prompt (with the generation prompt) fits in train.max_seq_len -
-    method.max_completion_length tokens; a longer prompt loses its start (preference.fit_prompt)."""
-    from tunesmith.errors import RecipeError
-    from tunesmith.methods.preference import AlignmentRows, chat_ids, fit_prompt
-
-    budget = recipe.train.max_seq_len - recipe.method.max_completion_length
-    if budget <= 0:
-        raise RecipeError("recipe", [f"`method.max_completion_length`: {recipe.method.max_completion_length} leaves "
-                                     f"no room for the prompt in train.max_seq_len={recipe.train.max_seq_len}"])
-    out = AlignmentRows([], [], [])
-
-    def length(messages):
-        return len(chat_ids(tokenizer, messages, add_generation_prompt=True))
-
-    for records, target in ((data.train, out.train), (data.validation, out.validation)):
-        for record in records:
-            prompt = prompt_of(record, recipe.data.system_prompt)
-            full = length(prompt)
-            fitted = fit_prompt(tokenizer, prompt, length, budget)
-            if fitted is None:
-                out.rejects.append({"file": record.source, "line": record.line, "row": record.data,
-                                    "reason": f"prompt too long: not even its last turn fits in train.max_seq_len - "
-                                              f"method.max_completion_length = {budget} tokens"})
-                continue
-            ids = chat_ids(tokenizer, fitted, add_generation_prompt=True)
-            target.append(PromptRow(ids, [IGNORE] * len(ids), fitted is not prompt, full, prompt=fitted))
-    return out
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device):
@@ -548,7 +503,7 @@ METHOD = Method(
     name="ppo",
     summary="PPO: sample replies, score them (reward run or function), clipped updates with a value head and KL",
     params=PPOParams,
-    record_types=("preference", "chat", "instruction", "text"),
+    record_types=PROMPT_KINDS,
     train=train,
     encode=encode_prompts,
 )
