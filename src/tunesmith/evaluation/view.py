@@ -42,7 +42,7 @@ def results_text(results: dict[str, Any]) -> str:
              f"{'metric':<{first}}" + "".join(f"{s:>{col}}" for s in systems)]
     for m in names:
         lines.append(f"{m:<{first}}" + "".join(f"{fmt(m, results['metrics'][s].get(m)):>{col}}" for s in systems))
-        if has_ci:
+        if any(f"{m}_ci" in results["metrics"][s] for s in systems):
             lines.append(f"{'  95% interval':<{first}}" + "".join(
                 f"{_interval(m, results['metrics'][s].get(f'{m}_ci')):>{col}}" for s in systems))
     diffs = results.get("differences") or []
