@@ -60,6 +60,10 @@ def test_every_adapter_trains_reloads_and_merges(tmp_path, tiny_model_dir, chat_
     assert [n for n in trainable if torch.equal(before[n], after[n])] == []
     assert [n for n in before if n not in trainable and not torch.equal(before[n], after[n])] == []
     assert manifest["training"]["trainable_params"] == sum(before[n].numel() for n in trainable)
+    # the total counts weights, not storage: qlora's 4-bit tensors pack two weights to a byte
+    base_count = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    added = 0 if adapter in ("full", "freeze") else manifest["training"]["trainable_params"]
+    assert manifest["training"]["total_params"] == base_count + added
     assert manifest["saved"] == ("model" if adapter in ("freeze", "full") else "adapter")
 
     run = tmp_path / "run"

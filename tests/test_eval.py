@@ -37,16 +37,26 @@ def chat_run(tmp_path_factory, tiny_model_dir):
     return tmp / "run"
 
 
-def test_label_scores_equal_a_hand_computed_forward_pass(classification_run):
+@pytest.mark.parametrize("shared_prefix", [False, True], ids=["separate", "shared-prefix-cache"])
+@pytest.mark.parametrize("allowed", [["neg", "pos"], ["neg", "negative", "not sure", "pos", "positive", "pos pos"]],
+                         ids=["2-labels", "labels-sharing-tokens"])
+def test_label_scores_equal_a_hand_computed_forward_pass(classification_run, shared_prefix, allowed, monkeypatch):
     from tunesmith.data.format import encode_chat
+    from tunesmith.evaluation import scoring
     from tunesmith.evaluation.scoring import last_answer_only, score_labels
     from tunesmith.generate import load_run
 
+    if shared_prefix:  # the cached path really runs: the one-sequence-at-a-time path is not there to fall back on
+        monkeypatch.setattr(scoring, "sequence_logprobs", None)
+
     loaded = load_run(classification_run)
-    prompts = [[{"role": "user", "content": CLEAN[0]}], [{"role": "user", "content": CLEAN[5]}]]
-    scores = score_labels(loaded, prompts, ["neg", "pos"], batch_size=3)
+    prompts = [[{"role": "user", "content": CLEAN[0]}], [{"role": "user", "content": CLEAN[5]}],
+               [{"role": "user", "content": CLEAN[1]}, {"role": "assistant", "content": "pos"},  # a few-shot prompt
+                {"role": "user", "content": CLEAN[2]}]]
+    scores = score_labels(loaded, prompts, allowed, batch_size=4, shared_prefix=shared_prefix)
     for prompt, got in zip(prompts, scores):
-        for label in ("neg", "pos"):
+        assert list(got) == allowed
+        for label in allowed:
             ids, labels = last_answer_only(*encode_chat(loaded.tokenizer, prompt + [
                 {"role": "assistant", "content": label}]))
             with torch.inference_mode():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -100,7 +101,13 @@ def trainer_arguments(job: Job) -> dict[str, Any]:
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    return trainable, sum(_logical_numel(p) for p in model.parameters())
+
+
+def _logical_numel(param) -> int:
+    """Weights a parameter stands for: a 4-bit (bitsandbytes) tensor packs two per stored byte; count the weights."""
+    state = getattr(param, "quant_state", None)
+    return math.prod(state.shape) if state is not None and getattr(state, "shape", None) else param.numel()
 
 
 class MetricsCallback:
