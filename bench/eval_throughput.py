@@ -5,9 +5,12 @@ Two workloads on the default model (SmolLM2-135M-Instruct), both engines in this
   AMX); the plain loop generates a short answer for each prompt with `model.generate` (fp32, batch 1) and parses it.
 - SciTLDR summaries: tunesmith generates in length-sorted batches with left padding and the KV cache; the plain
   loop calls `model.generate` once per document (fp32).
+- BANKING77 (77 intents): label scoring with the prompt's key/value cache shared by all 77 labels, against scoring
+  each (prompt, label) sequence separately in batches (the two-label path); both bf16, same predictions expected.
 The plain loop is slow, so it runs on the first `--plain-rows` prompts; tunesmith runs on those and on all rows.
+A workload given 0 rows is skipped.
 
-    .venv/bin/python bench/eval_throughput.py [--sst2 1000] [--scitldr 300] [--plain-rows 40] [--max-new-tokens 64]
+    .venv/bin/python bench/eval_throughput.py [--sst2 1000] [--scitldr 300] [--banking77 200] [--plain-rows 40]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 SUMMARY_PROMPT = "Summarize this abstract in one sentence.\n\n"
+INTENT_PROMPT = "Which banking intent does this customer message express? Answer with the intent's name.\n\n"
 LABEL_PROMPT = "Is the sentiment of this movie review positive or negative? Answer with one word.\n\n"
 
 
@@ -74,6 +78,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sst2", type=int, default=1000)
     ap.add_argument("--scitldr", type=int, default=300)
+    ap.add_argument("--banking77", type=int, default=200)
     ap.add_argument("--plain-rows", type=int, default=40)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -88,30 +93,45 @@ def main() -> None:
 
     fast = loaded_default(torch.bfloat16 if pick_precision("auto") == "bf16" else None)
     plain = loaded_default(None)
-    sst = rows("sst2", ("validation.jsonl", "train.jsonl"), args.sst2)
-    sci = rows("scitldr", ("validation.jsonl",), args.scitldr)
+    sst = rows("sst2", ("validation.jsonl", "train.jsonl"), args.sst2) if args.sst2 else []
+    sci = rows("scitldr", ("validation.jsonl",), args.scitldr) if args.scitldr else []
     table = []
 
-    # SST-2: label scoring vs a generate-and-parse loop
-    prompts = [[{"role": "user", "content": LABEL_PROMPT + r["text"]}] for r in sst]
     k = args.plain_rows
-    scores, t_fast_all = timed(lambda: score_labels(fast, prompts, ["negative", "positive"], args.batch_size))
-    _, t_fast_sub = timed(lambda: score_labels(fast, prompts[:k], ["negative", "positive"], args.batch_size))
-    answers, t_plain = timed(lambda: plain_loop(plain, [LABEL_PROMPT + r["text"] for r in sst[:k]], 4))
-    acc_fast = sum(max(s, key=s.get) == r["label"] for s, r in zip(scores, sst)) / len(sst)
-    parsed = ["positive" if "pos" in a.lower() else "negative" if "neg" in a.lower() else "?" for a in answers]
-    acc_plain = sum(p == r["label"] for p, r in zip(parsed, sst[:k])) / k
-    table.append(("sst2 (label scoring vs generate+parse)", len(sst), t_fast_all, k, t_fast_sub, t_plain,
-                  f"{acc_fast:.3f} ({len(sst)} rows) / {sum(max(s, key=s.get) == r['label'] for s, r in zip(scores[:k], sst[:k])) / k:.3f} ({k})",
-                  f"{acc_plain:.3f} ({k}); {parsed.count('?')} unparseable"))
+    if args.banking77:
+        bank = rows("banking77", ("validation.jsonl",), args.banking77)
+        intents = sorted({r["label"] for r in rows("banking77", ("train.jsonl",), 5000)})
+        prompts = [[{"role": "user", "content": INTENT_PROMPT + r["text"]}] for r in bank]
+        shared, t_shared = timed(lambda: score_labels(fast, prompts, intents, args.batch_size, shared_prefix=True))
+        sub = prompts[:k]
+        separate, t_separate = timed(lambda: score_labels(fast, sub, intents, args.batch_size, shared_prefix=False))
+        _, t_shared_sub = timed(lambda: score_labels(fast, sub, intents, args.batch_size, shared_prefix=True))
+        same = sum(max(a, key=a.get) == max(b, key=b.get) for a, b in zip(shared, separate))
+        gap = max(abs(a[x] - b[x]) for a, b in zip(shared, separate) for x in intents)
+        acc = sum(max(s, key=s.get) == r["label"] for s, r in zip(shared, bank)) / len(bank)
+        table.append((f"banking77, {len(intents)} labels (shared prompt cache vs separate sequences)", len(bank),
+                      t_shared, k, t_shared_sub, t_separate, f"{acc:.3f} zero-shot ({len(bank)} rows)",
+                      f"same prediction {same}/{k}; max log-prob gap {gap:.3f}"))
 
-    # SciTLDR: batched generation vs one at a time
-    convs = [[{"role": "user", "content": SUMMARY_PROMPT + r["document"]}] for r in sci]
-    _, t_fast_all = timed(lambda: generate_sorted(fast, convs, args.max_new_tokens, args.batch_size))
-    _, t_fast_sub = timed(lambda: generate_sorted(fast, convs[:k], args.max_new_tokens, args.batch_size))
-    _, t_plain = timed(lambda: plain_loop(plain, [SUMMARY_PROMPT + r["document"] for r in sci[:k]],
-                                          args.max_new_tokens))
-    table.append(("scitldr (batched generation vs loop)", len(sci), t_fast_all, k, t_fast_sub, t_plain, "", ""))
+    if sst:  # SST-2: label scoring vs a generate-and-parse loop
+        prompts = [[{"role": "user", "content": LABEL_PROMPT + r["text"]}] for r in sst]
+        scores, t_fast_all = timed(lambda: score_labels(fast, prompts, ["negative", "positive"], args.batch_size))
+        _, t_fast_sub = timed(lambda: score_labels(fast, prompts[:k], ["negative", "positive"], args.batch_size))
+        answers, t_plain = timed(lambda: plain_loop(plain, [LABEL_PROMPT + r["text"] for r in sst[:k]], 4))
+        acc_fast = sum(max(s, key=s.get) == r["label"] for s, r in zip(scores, sst)) / len(sst)
+        parsed = ["positive" if "pos" in a.lower() else "negative" if "neg" in a.lower() else "?" for a in answers]
+        acc_plain = sum(p == r["label"] for p, r in zip(parsed, sst[:k])) / k
+        table.append(("sst2 (label scoring vs generate+parse)", len(sst), t_fast_all, k, t_fast_sub, t_plain,
+                      f"{acc_fast:.3f} ({len(sst)} rows) / {sum(max(s, key=s.get) == r['label'] for s, r in zip(scores[:k], sst[:k])) / k:.3f} ({k})",
+                      f"{acc_plain:.3f} ({k}); {parsed.count('?')} unparseable"))
+
+    if sci:  # SciTLDR: batched generation vs one at a time
+        convs = [[{"role": "user", "content": SUMMARY_PROMPT + r["document"]}] for r in sci]
+        _, t_fast_all = timed(lambda: generate_sorted(fast, convs, args.max_new_tokens, args.batch_size))
+        _, t_fast_sub = timed(lambda: generate_sorted(fast, convs[:k], args.max_new_tokens, args.batch_size))
+        _, t_plain = timed(lambda: plain_loop(plain, [SUMMARY_PROMPT + r["document"] for r in sci[:k]],
+                                              args.max_new_tokens))
+        table.append(("scitldr (batched generation vs loop)", len(sci), t_fast_all, k, t_fast_sub, t_plain, "", ""))
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
           f"load {os.getloadavg()[0]:.2f}; max_new_tokens {args.max_new_tokens}, batch {args.batch_size}")

@@ -188,33 +188,46 @@ class AccuracyLog:
 
 def train(job) -> TrainOutcome:
     """Train a classification head (and adapter); save `adapter/` or `model/` plus `labels.json`."""
-    from transformers import TrainingArguments
-
-    from tunesmith.errors import RecipeError
-    from tunesmith.methods.common import (EarlyStopping, MetricsCallback, WeightedCollator, run_trainer, to_dataset,
-                                          trainer_arguments)
+    from tunesmith.methods.common import WeightedCollator, run_trainer
 
     params: ClassifyParams = job.recipe.method
-    if job.recipe.train.padding_free:
-        raise RecipeError("recipe", ["`train.padding_free`: true can't train `method: classify` — each row is "
-                                     "classified on its own, so batches are padded; set train.padding_free=false"])
+    refuse_padding_free(job, "classify", "row is classified")
     classes = job.train_rows[0].classes
     model = build_model(job, params, classes)
     side = padding_side(model.config)
-    args = TrainingArguments(**{**trainer_arguments(job), "prediction_loss_only": False, "label_names": ["labels"]})
-    log = AccuracyLog()
-    callbacks = [MetricsCallback(job.run.metrics), log, *job.callbacks]
-    if job.recipe.train.early_stopping_patience:
-        callbacks.append(EarlyStopping(job.recipe.train.early_stopping_patience))
-    trainer = _trainer_class()(
-        model=model, args=args, train_dataset=to_dataset(job.train_rows),
-        eval_dataset=to_dataset(job.validation_rows) if job.validation_rows else None,
-        data_collator=WeightedCollator(PadCollator(job.tokenizer.pad_token_id, side)), processing_class=job.tokenizer,
-        compute_metrics=accuracy, callbacks=callbacks)
+    collator = WeightedCollator(PadCollator(job.tokenizer.pad_token_id, side))
+    trainer, log = head_trainer(job, _trainer_class(), model, collator, accuracy, label_names=["labels"])
     outcome = run_trainer(job, trainer, model)
     outcome.losses.update(log.summary(before=job.recipe.eval.loss_before and not job.resume))
     outcome.saved = save(job, trainer.model, params, classes, side)
     return outcome
+
+
+def refuse_padding_free(job, method: str, what: str) -> None:
+    """Heads read one sequence each: batches are padded, never packed."""
+    from tunesmith.errors import RecipeError
+
+    if job.recipe.train.padding_free:
+        raise RecipeError("recipe", [f"`train.padding_free`: true can't train `method: {method}` — each {what} on "
+                                     "its own, so batches are padded; set train.padding_free=false"])
+
+
+def head_trainer(job, trainer_class, model, collator, compute_metrics, label_names: list[str]):
+    """The Trainer a head-training method (classify, reward) runs, and the log of its validation accuracy."""
+    from transformers import TrainingArguments
+
+    from tunesmith.methods.common import EarlyStopping, MetricsCallback, to_dataset, trainer_arguments
+
+    args = TrainingArguments(**{**trainer_arguments(job), "prediction_loss_only": False, "label_names": label_names})
+    log = AccuracyLog()
+    callbacks = [MetricsCallback(job.run.metrics), log, *job.callbacks]
+    if job.recipe.train.early_stopping_patience:
+        callbacks.append(EarlyStopping(job.recipe.train.early_stopping_patience))
+    trainer = trainer_class(
+        model=model, args=args, train_dataset=to_dataset(job.train_rows),
+        eval_dataset=to_dataset(job.validation_rows) if job.validation_rows else None,
+        data_collator=collator, processing_class=job.tokenizer, compute_metrics=compute_metrics, callbacks=callbacks)
+    return trainer, log
 
 
 # ----------------------------------------------------------------------------------------------- model

@@ -157,29 +157,16 @@ def _trainer_class():
 
 def train(job) -> TrainOutcome:
     """Train the reward head (and adapter) on pairs; save the weights and `labels.json`."""
-    from transformers import TrainingArguments
-
-    from tunesmith.errors import RecipeError
-    from tunesmith.methods.classify import AccuracyLog, padding_side
-    from tunesmith.methods.common import EarlyStopping, MetricsCallback, run_trainer, to_dataset, trainer_arguments
+    from tunesmith.methods.classify import head_trainer, padding_side, refuse_padding_free
+    from tunesmith.methods.common import run_trainer
 
     params: RewardParams = job.recipe.method
-    if job.recipe.train.padding_free:
-        raise RecipeError("recipe", ["`train.padding_free`: true can't train `method: reward` — each conversation "
-                                     "is scored on its own, so batches are padded; set train.padding_free=false"])
+    refuse_padding_free(job, "reward", "conversation is scored")
     with start_source(params, job.source) as source:
         model = build_model(job, params, source)
     side = padding_side(model.config)
-    args = TrainingArguments(**{**trainer_arguments(job), "prediction_loss_only": False, "label_names": []})
-    log = AccuracyLog()
-    callbacks = [MetricsCallback(job.run.metrics), log, *job.callbacks]
-    if job.recipe.train.early_stopping_patience:
-        callbacks.append(EarlyStopping(job.recipe.train.early_stopping_patience))
-    trainer = _trainer_class()(
-        model=model, args=args, train_dataset=to_dataset(job.train_rows),
-        eval_dataset=to_dataset(job.validation_rows) if job.validation_rows else None,
-        data_collator=PairCollator(job.tokenizer.pad_token_id, side), processing_class=job.tokenizer,
-        compute_metrics=pair_metrics, callbacks=callbacks)
+    trainer, log = head_trainer(job, _trainer_class(), model, PairCollator(job.tokenizer.pad_token_id, side),
+                                pair_metrics, label_names=[])
     trainer.center_rewards = params.center_rewards
     outcome = run_trainer(job, trainer, model)
     outcome.losses.update(log.summary(before=job.recipe.eval.loss_before and not job.resume))
