@@ -11,7 +11,7 @@ import torch
 
 from conftest import write_jsonl
 from tunesmith.artifacts import read_metrics
-from tunesmith.errors import RecipeError
+from tunesmith.errors import RecipeError, RunError
 from tunesmith.recipe import parse_recipe
 from tunesmith.train import train_run
 
@@ -377,3 +377,59 @@ def test_reward_model_runs_score_the_replies(tmp_path, tiny_model_dir):
     assert manifest["method"] == "ppo" and manifest["training"]["steps"] == 1
     (row,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward" in r]
     assert row["reward"] == manifest["losses"]["reward_first"] and row["kl"] == 0.0
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, tiny_model_dir, monkeypatch):
+    """4 steps straight vs 4 steps cut after step 3 (checkpoint at 2) and resumed: the same rewards, weights and
+    value head — the checkpoint carries optimizer, schedule, KL coefficient, random states and prompt order."""
+    from safetensors.torch import load_file
+
+    from tunesmith.methods import ppo
+
+    reward_file = tmp_path / "length.py"
+    reward_file.write_text("def short(prompts, responses):\n    return [-len(r) / 10 for r in responses]\n")
+    method = {"reward_function": f"{reward_file}:short", "ppo_epochs": 1, "adaptive_kl": True, "target_kl": 0.5,
+              "temperature": 1.0}
+    settings = dict(batch_size=4, max_steps=4, save_every=2, scheduler="cosine", warmup_steps=1)
+    data = prompt_file(tmp_path, 10)  # 4 prompts a step: the shuffle runs out mid-run, so its order is state too
+    train_run(make_recipe(tmp_path, tiny_model_dir, data, method, name="straight", **settings), echo=lambda _: None)
+
+    real_update, calls = ppo.update, []
+
+    def cut_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("power cut")
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "update", cut_at_step_3)
+    recipe = make_recipe(tmp_path, tiny_model_dir, data, method, name="cut", **settings)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train_run(recipe, echo=lambda _: None)
+    cut = tmp_path / "cut"
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["checkpoint-2"]
+    monkeypatch.setattr(ppo, "update", real_update)
+    manifest = train_run(recipe, resume=True, echo=lambda _: None)
+
+    straight = [r for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "reward" in r]
+    resumed = [r for r in read_metrics(cut / "metrics.jsonl") if "reward" in r]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # step 3's first try left no row behind
+    for a, b in zip(straight, resumed):
+        assert a["reward"] == pytest.approx(b["reward"]) and a["kl_coef"] == pytest.approx(b["kl_coef"])
+        assert a["learning_rate"] == pytest.approx(b["learning_rate"]) and a["kl"] == pytest.approx(b["kl"], abs=1e-5)
+    assert straight[3]["kl_coef"] != 0.05  # the adaptive coefficient moved, and the checkpoint carried it
+    for name in ("adapter/adapter_model.safetensors", "value_head.safetensors"):
+        a, b = load_file(tmp_path / "straight" / name), load_file(cut / name)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert manifest["training"]["steps"] == 4 and manifest["training"]["resumed"] is True
+    assert manifest["training"]["trained_tokens"] == sum(r["response_length"] * 4 for r in straight)
+
+
+def test_resume_without_a_checkpoint_says_how_to_start(tmp_path, tiny_model_dir):
+    reward_file = tmp_path / "length.py"
+    reward_file.write_text("def short(prompts, responses):\n    return [-len(r) / 10 for r in responses]\n")
+    recipe = make_recipe(tmp_path, tiny_model_dir, prompt_file(tmp_path, 8), {"reward_function": f"{reward_file}:short"},
+                         max_steps=1)
+    train_run(recipe, echo=lambda _: None)
+    with pytest.raises(RunError, match="no PPO checkpoint to resume from"):
+        train_run(recipe, resume=True, echo=lambda _: None)

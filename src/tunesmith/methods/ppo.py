@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -388,8 +388,6 @@ def ppo_problems(job, params: PPOParams) -> list[str]:
     if t.gradient_accumulation != 1:
         out.append("`train.gradient_accumulation`: PPO accumulates by itself (each update covers "
                    "`method.mini_batch_size` replies in passes of `train.batch_size`); leave it at 1")
-    if t.save_every or job.resume:
-        out.append("`train.save_every` / --resume: `method: ppo` writes no checkpoints yet; leave save_every out")
     if t.eval_every or t.early_stopping_patience:
         out.append("`train.eval_every` / `train.early_stopping_patience`: `method: ppo` has no validation loss to "
                    "watch; leave them out (metrics.jsonl has the reward of every step)")
@@ -427,11 +425,15 @@ def train(job) -> TrainOutcome:
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     kl = AdaptiveKL(params.kl_coef, params.target_kl, params.kl_horizon)
     generator = torch.Generator().manual_seed(t.seed)
+    loop = Progress()
+    if job.resume:
+        loop = resume(job, policy, optimizer, scheduler, kl, generator)
     for callback in job.callbacks:  # transformers callbacks (tests use them): only train begin/end, with the model
         callback.on_train_begin(None, None, None, model=policy.model)
 
-    writer, order, rewards, trained_tokens, t0 = _tensorboard(job.run.tensorboard), [], [], 0, time.time()
-    bar = tqdm(range(1, steps + 1), desc="ppo", unit="step")
+    writer, t0 = _tensorboard(job.run.tensorboard), time.time() - loop.seconds
+    order, rewards = loop.order, loop.rewards
+    bar = tqdm(range(loop.step + 1, steps + 1), desc="ppo", unit="step", initial=loop.step, total=steps)
     for step in bar:
         if len(order) < rollout_size:  # a fresh shuffle of the prompts whenever they run out
             order += torch.randperm(len(job.train_rows), generator=generator).tolist()
@@ -444,7 +446,7 @@ def train(job) -> TrainOutcome:
         sequence_kl = ((r.logprobs - r.ref_logprobs) * r.mask).sum(1).mean().item()
         if params.adaptive_kl:
             kl.update(sequence_kl, len(rows))
-        trained_tokens += int(r.mask.sum().item())
+        loop.trained_tokens += int(r.mask.sum().item())
         row = {"step": step, "epoch": round(step * rollout_size / len(job.train_rows), 4),
                "reward": sum(r.raw_scores) / len(r.raw_scores), "kl": sequence_kl, **stats,
                "response_length": r.mask.sum(1).mean().item(), "kl_coef": coef, "learning_rate": lr}
@@ -455,6 +457,9 @@ def train(job) -> TrainOutcome:
             bar.write(f"step {step}/{steps}  reward {row['reward']:.4f}  kl {sequence_kl:.4f}  "
                       f"entropy {stats['entropy']:.3f}  clip {stats['clip_fraction']:.3f}  "
                       f"value loss {stats['value_loss']:.4f}  length {row['response_length']:.1f}")
+        if t.save_every and step % t.save_every == 0 and step < steps:
+            loop.step, loop.order, loop.seconds = step, order, time.time() - t0
+            save_checkpoint(job, policy, optimizer, scheduler, kl, generator, loop)
     bar.close()
     seconds = time.time() - t0
     if writer is not None:
@@ -462,9 +467,85 @@ def train(job) -> TrainOutcome:
     for callback in job.callbacks:
         callback.on_train_end(None, None, None, model=policy.model)
     trainable, total = count_parameters(policy.model)
-    return TrainOutcome(steps=steps, seconds=seconds, trained_tokens=trained_tokens,
+    return TrainOutcome(steps=steps, seconds=seconds, trained_tokens=loop.trained_tokens,
                         losses={"reward_first": rewards[0], "reward_last": rewards[-1]},
                         saved=save(job, policy, params), trainable_params=trainable, total_params=total)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_STATE = "ppo_state.pt"
+
+
+@dataclass
+class Progress:
+    """Where the loop is: what a checkpoint stores besides the weights and optimizer, so a resume continues exactly."""
+
+    step: int = 0
+    order: list[int] = field(default_factory=list)  # prompts left in the current shuffle
+    rewards: list[float] = field(default_factory=list)
+    trained_tokens: int = 0
+    seconds: float = 0.0
+
+
+def save_checkpoint(job, policy: Policy, optimizer, scheduler, kl: AdaptiveKL, generator, loop: Progress) -> Path:
+    """`checkpoints/checkpoint-STEP/ppo_state.pt`: trainable weights, value head, optimizer, schedule, KL
+    coefficient, random states and loop position; written to a temporary folder first, then renamed; only the
+    newest `train.save_total_limit` are kept."""
+    import shutil
+
+    import torch
+
+    folder = job.run.checkpoints / f"checkpoint-{loop.step}"
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    state = {"trainable": {n: p.detach().cpu() for n, p in policy.model.named_parameters() if p.requires_grad},
+             "value_head": policy.value_head.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "kl_coef": kl.value, "generator": generator.get_state(),
+             "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+             "progress": vars(loop)}
+    torch.save(state, partial / CHECKPOINT_STATE)
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    found = sorted(job.run.checkpoints.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[-1]))
+    for old in found[:-job.recipe.train.save_total_limit]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def resume(job, policy: Policy, optimizer, scheduler, kl: AdaptiveKL, generator) -> Progress:
+    """Load the newest checkpoint into the freshly built loop; metrics logged after it are dropped (redone)."""
+    import torch
+
+    from tunesmith.artifacts import truncate_metrics
+    from tunesmith.errors import RunError
+
+    folder = job.run.last_checkpoint()
+    if folder is None or not (folder / CHECKPOINT_STATE).exists():
+        raise RunError(f"{job.run.checkpoints}: no PPO checkpoint to resume from",
+                       "checkpoints are written every `train.save_every` steps; run without --resume")
+    state = torch.load(folder / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
+    params = dict(policy.model.named_parameters())
+    missing = [n for n in state["trainable"] if n not in params]
+    if missing:
+        raise RunError(f"{folder}: the checkpoint has weights this model lacks ({missing[0]}, …)",
+                       "resume with the recipe the run started with")
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value.to(params[name].device))
+    policy.value_head.load_state_dict(state["value_head"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    kl.value = state["kl_coef"]
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    loop = Progress(**state["progress"])
+    truncate_metrics(job.run.metrics, loop.step)
+    return loop
 
 
 def _tensorboard(folder: Path):
