@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from conftest import write_jsonl
 from test_classify import assert_only_trainable_moved
@@ -235,6 +236,11 @@ def test_eval_a_policy_with_a_reward_model(tmp_path, tiny_model_dir):
     assert a["win_rate"]["base"]["win_rate"] == pytest.approx(wins / 4)
     assert examples[0]["references"] == ["Yes, gladly: apples are nice."]  # the chosen reply is the reference
     assert a["kl_to_base"]["answer_tokens_mean"] > 0
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for system in a["systems"]:  # every system's answer length, counted with the policy's tokenizer
+        lengths = [len(tok(e[system]["output"], add_special_tokens=False)["input_ids"]) for e in examples]
+        assert [e[system]["answer_tokens"] for e in examples] == lengths
+        assert a["systems"][system]["answer_tokens_mean"] == pytest.approx(sum(lengths) / 4)
     assert "tuned wins vs base" in results_text(results)
     from tunesmith.report import render_report
 

@@ -262,13 +262,15 @@ def _evaluation(folder: Path) -> str:
 def _alignment(a: dict[str, Any]) -> str:
     """Mean reward per system, the tuned system's win rates, and its KL to the base model."""
     rows = [[name, f"{s['mean_reward']:+.3f}", f"[{s['reward_ci'][0]:+.3f}, {s['reward_ci'][1]:+.3f}]",
+             f"{s['answer_tokens_mean']:.1f}" if "answer_tokens_mean" in s else "—",
              _win_cell(a["win_rate"].get(name))] for name, s in a["systems"].items()]
     kl = a.get("kl_to_base")
     note = (f"<p>KL to the base model on the tuned answers: {kl['kl_per_answer']:.3f} nats per answer "
-            f"({kl['kl_per_token']:.4f} per token); tuned answers average {kl['answer_tokens_mean']:.1f} tokens — "
-            "a reward that rises with length alone is the reward model being gamed.</p>" if kl else "")
-    return (f"<p class='muted'>scored by {_e(a['reward_model'])}</p>"
-            + _table(["system", "mean reward", "95% interval", "tuned wins against it"], rows) + note)
+            f"({kl['kl_per_token']:.4f} per token).</p>" if kl else "")
+    return (f"<p class='muted'>scored by {_e(a['reward_model'])}; a reward that rises with the answer length alone "
+            "is the reward model being gamed</p>"
+            + _table(["system", "mean reward", "95% interval", "answer tokens", "tuned wins against it"], rows)
+            + note)
 
 
 def _win_cell(w: dict[str, Any] | None) -> str:

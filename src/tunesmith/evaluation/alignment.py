@@ -2,7 +2,8 @@
 
 For every system's answers on the same prompts: the reward model's mean score (with a 95% interval); the tuned
 system's win rate against each other system (per prompt, the higher reward wins, a tie counts one half; 95%
-interval); the answers' length in tokens (a policy that games the reward by talking longer shows here); and the
+interval); every system's answer length in tokens (a policy that games the reward by talking longer shows here:
+its reward rises with its length); and the
 KL of the tuned model to its base on the tuned answers: the mean over prompts of Σ_t log p_tuned(y_t) − log
 p_base(y_t) over the answer's tokens. With greedy answers (eval's default) that is the log-ratio on the answer
 the policy prefers, not a sampled estimate of KL(π‖π_ref); it is what drifts when the policy drifts.
@@ -10,15 +11,17 @@ the policy prefers, not a sampled estimate of KL(π‖π_ref); it is what drifts
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 
 def alignment_metrics(reward_run: str, prompts: list[list[dict[str, str]]], outputs: dict[str, list[str]],
                       per_example: dict[str, list[dict[str, Any]]], kl: dict[str, Any] | None,
-                      n_resamples: int = 1000, seed: int = 0, batch_size: int = 8) -> dict[str, Any]:
-    """Score every system's answers with `reward_run`; add `reward` to each per-example row; return the summary."""
+                      n_resamples: int = 1000, seed: int = 0, batch_size: int = 8,
+                      count_tokens: Callable[[str], int] | None = None) -> dict[str, Any]:
+    """Score every system's answers with `reward_run`; add `reward` (and `answer_tokens`, given `count_tokens`) to
+    each per-example row; return the summary."""
     from tunesmith.evaluation.bootstrap import mean_interval
     from tunesmith.methods.reward import load_reward_model
 
@@ -32,6 +35,11 @@ def alignment_metrics(reward_run: str, prompts: list[list[dict[str, str]]], outp
         interval = mean_interval(rewards[name], n_resamples, seed)
         out["systems"][name] = {"mean_reward": interval["mean"], "reward_ci": [interval["ci_low"],
                                                                                 interval["ci_high"]]}
+        if count_tokens is not None:
+            lengths = [count_tokens(a) for a in answers]
+            for row, n in zip(per_example[name], lengths):
+                row["answer_tokens"] = n
+            out["systems"][name]["answer_tokens_mean"] = float(np.mean(lengths)) if lengths else 0.0
     for other in (n for n in outputs if n != "tuned"):
         out["win_rate"][other] = win_rate(rewards["tuned"], rewards[other], n_resamples, seed)
     if kl is not None:

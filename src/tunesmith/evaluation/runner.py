@@ -395,8 +395,10 @@ def reward_check(systems: dict[str, SystemSpec], rows: EvalRows, task: str, outp
         base = systems.get("base") or SystemSpec("base", tuned.path, base=True)
         kl = kl_to_base(load_system(tuned, systems), load_system(base, systems), prompts, outputs["tuned"],
                         options.batch_size)
+    tok = load_system(tuned, systems).tokenizer
     found = alignment_metrics(options.reward_model, prompts, outputs, per_example, kl, options.n_resamples,
-                              options.seed, options.batch_size)
+                              options.seed, options.batch_size,
+                              count_tokens=lambda text: len(tok(text, add_special_tokens=False)["input_ids"]))
     echo(f"  reward model: {len(outputs)} systems scored in {time.time() - t:.1f} s")
     return found
 

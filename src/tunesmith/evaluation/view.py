@@ -74,13 +74,14 @@ def alignment_lines(a: dict[str, Any] | None) -> list[str]:
         return []
     lines = [f"reward model {a['reward_model']}:"]
     for name, s in a["systems"].items():
+        length = f"  answers {s['answer_tokens_mean']:.1f} tokens" if "answer_tokens_mean" in s else ""
         lines.append(f"  mean reward {name:<10} {s['mean_reward']:+.3f}  [{s['reward_ci'][0]:+.3f}, "
-                     f"{s['reward_ci'][1]:+.3f}]")
+                     f"{s['reward_ci'][1]:+.3f}]{length}")
     for other, w in a["win_rate"].items():
         lines.append(f"  tuned wins vs {other:<10} {100 * w['win_rate']:.1f}%  [{100 * w['ci_low']:.1f}%, "
                      f"{100 * w['ci_high']:.1f}%]  ({w['wins']} wins, {w['losses']} losses, {w['ties']} ties)")
     kl = a.get("kl_to_base")
     if kl:
         lines.append(f"  KL to base on the tuned answers: {kl['kl_per_answer']:.3f} nats per answer, "
-                     f"{kl['kl_per_token']:.4f} per token; answers {kl['answer_tokens_mean']:.1f} tokens on average")
+                     f"{kl['kl_per_token']:.4f} per token")
     return lines
