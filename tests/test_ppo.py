@@ -206,12 +206,19 @@ def test_recipe_errors_name_the_fields(tmp_path, tiny_model_dir):
     with pytest.raises(RecipeError) as neither:
         make_recipe(tmp_path, tiny_model_dir, path, {})
     assert "method.reward_model" in str(neither.value) and "method.reward_function" in str(neither.value)
-    recipe = make_recipe(tmp_path, tiny_model_dir, path, {"reward_function": "m:f", "mini_batch_size": 16},
-                         gradient_accumulation=2)
-    with pytest.raises(RecipeError) as train:
-        train_run(recipe, echo=lambda s: None)
-    assert "`train.gradient_accumulation`: PPO accumulates by itself" in str(train.value)
-    assert "`method.mini_batch_size`: 16 is more than the 8 replies" in str(train.value)
+    with pytest.raises(RecipeError) as train:  # at load (and `tunesmith validate`), before anything is loaded
+        make_recipe(tmp_path, tiny_model_dir, path, {"reward_function": "m:f", "mini_batch_size": 16,
+                                                     "max_completion_length": 96},
+                    gradient_accumulation=2, padding_free=True)
+    assert train.value.problems == [
+        "`train.padding_free`: true can't train `method: ppo` — rollouts are padded batches; set "
+        "train.padding_free=false",
+        "`method.max_completion_length`: 96 leaves no room for the prompt in train.max_seq_len=96; lower it or "
+        "raise train.max_seq_len",
+        "`train.gradient_accumulation`: PPO accumulates by itself (each update covers `method.mini_batch_size` "
+        "replies in passes of `train.batch_size`); leave it at 1",
+        "`method.mini_batch_size`: 16 is more than the 8 replies of a step (method.rollout_batch_size, default "
+        "train.batch_size)"]
     recipe = make_recipe(tmp_path, tiny_model_dir, path, {"reward_function": "no_such_module_xyz:f"}, name="bad")
     with pytest.raises(RecipeError, match="`method.reward_function`: can't load 'no_such_module_xyz:f'"):
         train_run(recipe, echo=lambda s: None)

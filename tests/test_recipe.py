@@ -188,6 +188,33 @@ def test_record_format_the_method_cannot_train(tmp_path):
                                  "it trains on classification"]
 
 
+@pytest.mark.parametrize("method, train, data, problem", [
+    ({"name": "classify"}, {"padding_free": True}, {"format": "classification"},
+     "`train.padding_free`: true can't train `method: classify` — each row is classified on its own, so batches are "
+     "padded; set train.padding_free=false"),
+    ({"name": "sft", "adapter": "prompt"}, {"padding_free": True}, {},
+     "`train.padding_free`: true can't train `method.adapter: prompt` — concatenated rows would share its virtual "
+     "tokens; set train.padding_free=false"),
+    ({"name": "kto"}, {"batch_size": 1}, {"format": "preference"},
+     "`train.batch_size`: 1 — KTO estimates its KL term from the other rows of a batch; set train.batch_size=2 or "
+     "more (or method.loss_type=apo_zero_unpaired)"),
+    ({"name": "grpo", "reward_function": "m:f", "num_generations": 3}, {"batch_size": 4}, {},
+     "`method.num_generations`: 3 must divide the replies sampled per optimizer step (train.batch_size × "
+     "train.gradient_accumulation = 4); e.g. set train.batch_size=3"),
+    ({"name": "rloo", "reward_function": "m:f", "num_generations": 2, "max_completion_length": 512},
+     {"batch_size": 4, "max_seq_len": 512}, {},
+     "`method.max_completion_length`: 512 leaves no room for the prompt in train.max_seq_len=512; lower it or raise "
+     "train.max_seq_len"),
+    ({"name": "dpo"}, {"padding_free": True}, {"format": "preference"},
+     "`train.padding_free`: true can't train `method: dpo` — preference and generation batches are padded; set "
+     "train.padding_free=false"),
+], ids=["classify", "prompt-adapter", "kto", "grpo", "rloo", "dpo"])
+def test_what_a_method_cannot_honour_is_reported_when_the_recipe_loads(tmp_path, method, train, data, problem):
+    """The methods' own checks run at load time — `tunesmith validate` reports them, nothing is loaded first."""
+    path = write_recipe(tmp_path, {"data": {"train": "train.jsonl", **data}, "method": method, "train": train})
+    assert problems_of(path) == [problem]
+
+
 def test_missing_data_files_are_reported_with_their_resolved_paths(tmp_path):
     path = write_recipe(tmp_path, {"data": {"train": "nope.jsonl", "validation": "sub/val.csv"}}, train_file=False)
     hint = "does not exist; give a JSONL, CSV or Parquet file, or a saved `datasets` folder"

@@ -290,6 +290,15 @@ def _cross_checks(s: dict[str, Any]) -> list[str]:
         if data.format != "auto" and data.format not in kinds:
             out.append(f"`data.format`: {data.format!r} can't train method {method.name!r}; "
                        f"it trains on {', '.join(kinds)}")
+    if method is not None and train is not None:
+        from tunesmith.methods import REGISTRY
+        from tunesmith.methods.adapters import adapter_problems
+
+        if getattr(method, "adapter", None):
+            out.extend(adapter_problems(method, train))
+        check = REGISTRY[method.name].check
+        if check is not None:
+            out.extend(check(method, train, data))
     return out
 
 

@@ -16,6 +16,8 @@ class Method:
     `{label: probability}` dict per text; `tunesmith eval` uses it instead of scoring label words.
     `prompting(run_dir)`, for methods that train nothing (fewshot), returns the run's shot picker: `for_rows(records)`
     gives each evaluation row's in-context examples, `fixed()` those generate and chat put before a conversation.
+    `check(method, train, data)` lists the settings this method can't honour, in recipe wording; the recipe loader
+    runs it, so `tunesmith validate` reports them before anything is loaded (`data` may be None when invalid).
     """
 
     name: str
@@ -26,6 +28,7 @@ class Method:
     predict: Callable[..., list[dict[str, float]]] | None = None
     encode: Callable[..., Any] | None = None  # rows -> model inputs, when not the chat-formatted causal-LM rows
     prompting: Callable[..., Any] | None = None  # runs that prompt the base model instead of training: run dir -> shots
+    check: Callable[..., list[str]] | None = None  # (method, train, data sections) -> what the recipe alone gets wrong
 
 
 @dataclass
@@ -40,3 +43,20 @@ class TrainOutcome:
     trainable_params: int = 0
     total_params: int = 0
     stopped_early: bool = False
+
+
+def padded_batches(why: str) -> Callable[..., list[str]]:
+    """A `check` refusing `train.padding_free` for methods whose batches must stay padded, saying why."""
+
+    def check(method, train, data) -> list[str]:
+        if not train.padding_free:
+            return []
+        return [f"`train.padding_free`: true can't train `method: {method.name}` — {why}; set "
+                "train.padding_free=false"]
+
+    return check
+
+
+def all_checks(*checks: Callable[..., list[str]]) -> Callable[..., list[str]]:
+    """One `check` running several."""
+    return lambda method, train, data: [p for check in checks for p in check(method, train, data)]

@@ -25,7 +25,7 @@ from typing import Any, Callable, Literal
 from tunesmith.data.format import Encoded
 from tunesmith.errors import DataError
 from tunesmith.methods.adapters import AdapterParamsMixin
-from tunesmith.methods.base import Method, TrainOutcome
+from tunesmith.methods.base import Method, TrainOutcome, padded_batches
 from tunesmith.recipe import MethodParams
 
 TASK = "seq-cls"
@@ -191,7 +191,6 @@ def train(job) -> TrainOutcome:
     from tunesmith.methods.common import WeightedCollator, run_trainer
 
     params: ClassifyParams = job.recipe.method
-    refuse_padding_free(job, "classify", "row is classified")
     classes = job.train_rows[0].classes
     model = build_model(job, params, classes)
     side = padding_side(model.config)
@@ -201,15 +200,6 @@ def train(job) -> TrainOutcome:
     outcome.losses.update(log.summary(before=job.recipe.eval.loss_before and not job.resume))
     outcome.saved = save(job, trainer.model, params, classes, side)
     return outcome
-
-
-def refuse_padding_free(job, method: str, what: str) -> None:
-    """Heads read one sequence each: batches are padded, never packed."""
-    from tunesmith.errors import RecipeError
-
-    if job.recipe.train.padding_free:
-        raise RecipeError("recipe", [f"`train.padding_free`: true can't train `method: {method}` — each {what} on "
-                                     "its own, so batches are padded; set train.padding_free=false"])
 
 
 def head_trainer(job, trainer_class, model, collator, compute_metrics, label_names: list[str]):
@@ -363,4 +353,5 @@ METHOD = Method(
     train=train,
     predict=predict,
     encode=encode_labelled,
+    check=padded_batches("each row is classified on its own, so batches are padded"),
 )

@@ -25,7 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from tunesmith.data.format import IGNORE, Encoded, preference_pair, prompt_messages
 from tunesmith.errors import RecipeError
-from tunesmith.methods.base import Method, TrainOutcome
+from tunesmith.methods.base import Method, TrainOutcome, all_checks, padded_batches
 from tunesmith.methods.preference import AlignmentRows, PolicyParams, chat_ids, fit_prompt
 from tunesmith.recipe import MethodParams
 
@@ -108,11 +108,7 @@ def encode_prompts(data, tokenizer, recipe) -> AlignmentRows:
     if data.kind not in PROMPT_KINDS:
         raise DataError(f"method {recipe.method.name!r} samples replies to prompts from preference, chat, "
                         f"instruction or text rows, got {data.kind} rows", "set data.format and map the columns")
-    budget = recipe.train.max_seq_len - recipe.method.max_completion_length
-    if budget <= 0:
-        raise RecipeError("recipe", [f"`method.max_completion_length`: {recipe.method.max_completion_length} leaves "
-                                     f"no room for the prompt in train.max_seq_len={recipe.train.max_seq_len}; lower "
-                                     "it or raise train.max_seq_len"])
+    budget = recipe.train.max_seq_len - recipe.method.max_completion_length  # > 0: see reply_budget
     out = AlignmentRows([], [], [])
 
     def length(messages):
@@ -207,21 +203,33 @@ def reward_source(params: OnlineParams) -> RewardFunction:
 # ----------------------------------------------------------------------------------------------- training
 
 
-def online_problems(job, params) -> list[str]:
-    """Batch and length settings TRL's samplers can't use, in recipe wording."""
-    t, out = job.recipe.train, []
+def reply_budget(method, train, data) -> list[str]:
+    """The prompt needs room beside the longest reply (PPO, GRPO, RLOO)."""
+    if train.max_seq_len - method.max_completion_length <= 0:
+        return [f"`method.max_completion_length`: {method.max_completion_length} leaves no room for the prompt in "
+                f"train.max_seq_len={train.max_seq_len}; lower it or raise train.max_seq_len"]
+    return []
+
+
+def online_problems(method, train, data) -> list[str]:
+    """Batch settings TRL's samplers can't use, in recipe wording."""
+    t, out = train, []
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate for distributed runs
-    if (t.batch_size * t.gradient_accumulation * processes) % params.num_generations:
-        out.append(f"`method.num_generations`: {params.num_generations} must divide the replies sampled per "
+    validates = data is not None and (data.validation is not None or data.validation_fraction > 0)
+    if (t.batch_size * t.gradient_accumulation * processes) % method.num_generations:
+        out.append(f"`method.num_generations`: {method.num_generations} must divide the replies sampled per "
                    f"optimizer step (train.batch_size × train.gradient_accumulation = "
-                   f"{t.batch_size * t.gradient_accumulation}); e.g. set train.batch_size={params.num_generations}")
-    elif t.eval_every and job.validation_rows and (t.batch_size * processes) % params.num_generations:
-        out.append(f"`method.num_generations`: {params.num_generations} must divide train.batch_size "
+                   f"{t.batch_size * t.gradient_accumulation}); e.g. set train.batch_size={method.num_generations}")
+    elif t.eval_every and validates and (t.batch_size * processes) % method.num_generations:
+        out.append(f"`method.num_generations`: {method.num_generations} must divide train.batch_size "
                    f"({t.batch_size}) to evaluate; change one of them")
     if t.early_stopping_patience:
-        out.append(f"`train.early_stopping_patience`: `method: {params.name}` has no validation loss to watch; "
+        out.append(f"`train.early_stopping_patience`: `method: {method.name}` has no validation loss to watch; "
                    "leave it out (metrics.jsonl has eval_reward)")
     return out
+
+
+ONLINE_CHECKS = all_checks(padded_batches("rollouts are padded batches"), reply_budget, online_problems)
 
 
 def sampling_config(job, params, config_class, **extra):
@@ -237,10 +245,10 @@ def train_online(job, trainer_class, config) -> TrainOutcome:
     """Check, load the reward and the policy, sample and train, save; no loss before/after (rewards are logged)."""
     from tunesmith.methods.adapters import trainable_weights_in_fp32
     from tunesmith.methods.common import MetricsCallback, run_trainer, to_dataset
-    from tunesmith.methods.preference import build_policy, common_problems, policy_problems, save, without_dropout
+    from tunesmith.methods.preference import build_policy, policy_problems, save, without_dropout
 
     params = job.recipe.method
-    problems = [*common_problems(job), *policy_problems(job, params), *online_problems(job, params)]
+    problems = policy_problems(job, params)
     if problems:
         raise RecipeError("recipe", problems)
     reward = reward_source(params)
@@ -282,8 +290,8 @@ def train_rloo(job) -> TrainOutcome:
 METHODS = (
     Method(name="grpo", summary="GRPO: sample replies to prompts, learn from a reward model or a Python function",
            params=GRPOParams, record_types=PROMPT_KINDS, train=train_grpo,
-           encode=encode_prompts),
+           encode=encode_prompts, check=ONLINE_CHECKS),
     Method(name="rloo", summary="RLOO: REINFORCE leave-one-out on sampled replies, reward model or Python function",
            params=RLOOParams, record_types=PROMPT_KINDS, train=train_rloo,
-           encode=encode_prompts),
+           encode=encode_prompts, check=ONLINE_CHECKS),
 )

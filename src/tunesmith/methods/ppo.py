@@ -29,8 +29,9 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field
 
-from tunesmith.methods.base import Method, TrainOutcome
-from tunesmith.methods.online import PROMPT_KINDS, OnlineParams, PromptRow, encode_prompts  # noqa: F401 - re-exported
+from tunesmith.methods.base import Method, TrainOutcome, all_checks, padded_batches
+from tunesmith.methods.online import (PROMPT_KINDS, OnlineParams, PromptRow, encode_prompts,  # noqa: F401 - re-exported
+                                     reply_budget)
 from tunesmith.recipe import MethodParams
 
 VALUE_HEAD = "value_head.safetensors"
@@ -381,9 +382,9 @@ def update(policy: Policy, r: Rollout, params: PPOParams, optimizer, mini_batch:
 # ----------------------------------------------------------------------------------------------- the loop
 
 
-def ppo_problems(job, params: PPOParams) -> list[str]:
+def ppo_problems(params: PPOParams, t, data) -> list[str]:
     """`train` settings this loop can't honour, in recipe wording (before anything is loaded)."""
-    t, out = job.recipe.train, []
+    out = []
     rollout_size = params.rollout_batch_size or t.batch_size
     if t.gradient_accumulation != 1:
         out.append("`train.gradient_accumulation`: PPO accumulates by itself (each update covers "
@@ -406,11 +407,11 @@ def train(job) -> TrainOutcome:
     from tunesmith.data.format import end_of_turn_ids
     from tunesmith.errors import RecipeError
     from tunesmith.methods.common import count_parameters
-    from tunesmith.methods.preference import common_problems, policy_problems
+    from tunesmith.methods.preference import policy_problems
 
     params: PPOParams = job.recipe.method
     t = job.recipe.train
-    problems = [*common_problems(job), *policy_problems(job, params), *ppo_problems(job, params)]
+    problems = policy_problems(job, params)
     if problems:
         raise RecipeError("recipe", problems)
     score = reward_callable(params)
@@ -587,4 +588,5 @@ METHOD = Method(
     record_types=PROMPT_KINDS,
     train=train,
     encode=encode_prompts,
+    check=all_checks(padded_batches("rollouts are padded batches"), reply_budget, ppo_problems),
 )

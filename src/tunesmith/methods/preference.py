@@ -29,7 +29,7 @@ from pydantic_core import PydanticCustomError
 from tunesmith.data.format import IGNORE, Encoded, preference_pair, prompt_messages, to_messages
 from tunesmith.errors import DataError, RecipeError
 from tunesmith.methods.adapters import AdapterParamsMixin
-from tunesmith.methods.base import Method, TrainOutcome
+from tunesmith.methods.base import Method, TrainOutcome, all_checks, padded_batches
 from tunesmith.recipe import MethodParams
 
 # DPOConfig.loss_type in TRL 1.16 (its field help and DPOTrainer's "Unknown loss type" list; a test keeps them equal)
@@ -360,21 +360,23 @@ def save(job, model, params: PolicyParams) -> str:
 # ----------------------------------------------------------------------------------------------- the shared loop
 
 
-def common_problems(job) -> list[str]:
-    """Train settings no TRL alignment trainer honours, in recipe wording."""
-    if job.recipe.train.padding_free:
-        return [f"`train.padding_free`: true can't train `method: {job.recipe.method.name}` — TRL pads its "
-                "preference and generation batches; set train.padding_free=false"]
+PADDED = padded_batches("preference and generation batches are padded")
+
+
+def kto_problems(method, train, data) -> list[str]:
+    if method.loss_type == "kto" and train.batch_size < 2:
+        return ["`train.batch_size`: 1 — KTO estimates its KL term from the other rows of a batch; set "
+                "train.batch_size=2 or more (or method.loss_type=apo_zero_unpaired)"]
     return []
 
 
-def train_with(job, params: PolicyParams, trainer_class, config, problems: list[str] = (), **trainer_kwargs):
+def train_with(job, params: PolicyParams, trainer_class, config, **trainer_kwargs):
     """Check, build the policy, run TRL's trainer with our metrics and early stopping, save; the outcome."""
     from tunesmith.errors import RunError
     from tunesmith.methods.adapters import trainable_weights_in_fp32
     from tunesmith.methods.common import EarlyStopping, MetricsCallback, run_trainer, to_dataset
 
-    problems = [*common_problems(job), *policy_problems(job, params), *problems]
+    problems = policy_problems(job, params)
     if problems:
         raise RecipeError("recipe", problems)
     model = build_policy(job, params)
@@ -421,14 +423,10 @@ def train_kto(job) -> TrainOutcome:
     from trl import KTOConfig, KTOTrainer
 
     p: KTOParams = job.recipe.method
-    problems = []
-    if p.loss_type == "kto" and job.recipe.train.batch_size < 2:
-        problems.append("`train.batch_size`: 1 — KTO estimates its KL term from the other rows of a batch; set "
-                        "train.batch_size=2 or more (or method.loss_type=apo_zero_unpaired)")
     config = KTOConfig(**base_config(job), beta=p.beta, loss_type=p.loss_type, desirable_weight=p.desirable_weight,
                        undesirable_weight=p.undesirable_weight, precompute_ref_log_probs=p.precompute_ref_log_probs,
                        disable_dropout=p.disable_dropout)
-    return train_with(job, p, KTOTrainer, config, problems)
+    return train_with(job, p, KTOTrainer, config)
 
 
 def train_orpo(job) -> TrainOutcome:
@@ -468,10 +466,10 @@ def _orpo_trainer_class():
 
 METHODS = (
     Method(name="dpo", summary="direct preference optimization on preference pairs, any TRL loss (sigmoid, ipo, …)",
-           params=DPOParams, record_types=("preference",), train=train_dpo, encode=encode_pairs),
+           params=DPOParams, record_types=("preference",), train=train_dpo, encode=encode_pairs, check=PADDED),
     Method(name="kto", summary="KTO on desirable/undesirable replies (from pairs, or rows with a boolean label)",
            params=KTOParams, record_types=("preference", "chat", "instruction"), train=train_kto,
-           encode=encode_unpaired),
+           encode=encode_unpaired, check=all_checks(PADDED, kto_problems)),
     Method(name="orpo", summary="ORPO: SFT on the chosen reply plus an odds-ratio preference term, no reference",
-           params=ORPOParams, record_types=("preference",), train=train_orpo, encode=encode_pairs),
+           params=ORPOParams, record_types=("preference",), train=train_orpo, encode=encode_pairs, check=PADDED),
 )

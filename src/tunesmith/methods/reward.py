@@ -24,7 +24,7 @@ from pydantic import Field
 from tunesmith.data.format import Encoded, encode_chat, preference_pair
 from tunesmith.errors import DataError
 from tunesmith.methods.adapters import AdapterParamsMixin
-from tunesmith.methods.base import Method, TrainOutcome
+from tunesmith.methods.base import Method, TrainOutcome, padded_batches
 from tunesmith.recipe import MethodParams
 
 TASK = "seq-cls"
@@ -157,11 +157,10 @@ def _trainer_class():
 
 def train(job) -> TrainOutcome:
     """Train the reward head (and adapter) on pairs; save the weights and `labels.json`."""
-    from tunesmith.methods.classify import head_trainer, padding_side, refuse_padding_free
+    from tunesmith.methods.classify import head_trainer, padding_side
     from tunesmith.methods.common import run_trainer
 
     params: RewardParams = job.recipe.method
-    refuse_padding_free(job, "reward", "conversation is scored")
     with start_source(params, job.source) as source:
         model = build_model(job, params, source)
     side = padding_side(model.config)
@@ -298,4 +297,5 @@ METHOD = Method(
     record_types=("preference",),
     train=train,
     encode=encode_pairs,
+    check=padded_batches("each conversation is scored on its own, so batches are padded"),
 )

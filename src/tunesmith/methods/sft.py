@@ -23,15 +23,11 @@ def train(job) -> TrainOutcome:
     """Train with SFT and save `adapter/` (peft or bottleneck adapters) or `model/` (freeze, full) into the run."""
     from trl import SFTConfig
 
-    from tunesmith.errors import RecipeError
-    from tunesmith.methods.adapters import adapter_problems, trainable_weights_in_fp32
+    from tunesmith.methods.adapters import trainable_weights_in_fp32
     from tunesmith.methods.common import (EarlyStopping, MetricsCallback, WeightedCollator, run_trainer, to_dataset,
                                           trainer_arguments)
 
     params: SFTParams = job.recipe.method
-    problems = adapter_problems(params, job.recipe.train)
-    if problems:
-        raise RecipeError("recipe", problems)
     model = build_model(job, params)
     config = SFTConfig(**trainer_arguments(job), max_length=None, padding_free=job.recipe.train.padding_free,
                        dataset_kwargs={"skip_prepare_dataset": True}, packing=False)
