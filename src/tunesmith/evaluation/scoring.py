@@ -39,12 +39,8 @@ def sequence_logprobs(model, sequences: list[tuple[list[int], list[int]]], pad_i
         with torch.inference_mode():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep.to(device),
                            use_cache=False).logits.float()
-        targets = shifted[:, keep].to(device)
-        logp = torch.log_softmax(logits, dim=-1)
-        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != IGNORE)
-        sums, counts = picked.sum(-1).tolist(), (targets != IGNORE).sum(-1).tolist()
-        for row, i in enumerate(idx):
-            out[i] = (sums[row], int(counts[row]))
+        for i, scored in zip(idx, _summed(logits, shifted[:, keep].to(device))):
+            out[i] = scored
         if progress:
             progress(len(idx))
     return out
@@ -119,11 +115,17 @@ def _shared_prefix_logprobs(model, sequences: list[tuple[list[int], list[int]]],
         with torch.inference_mode():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
                            use_cache=True).logits.float()
-        targets = labels[:, 1:].to(device)
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != IGNORE)
-        out += [(s, int(n)) for s, n in zip(picked.sum(-1).tolist(), (targets != IGNORE).sum(-1).tolist())]
+        out += _summed(logits[:, :-1], labels[:, 1:].to(device))
     return out
+
+
+def _summed(logits, targets) -> list[tuple[float, int]]:
+    """Per row: the summed log-probability of its target tokens (IGNORE skipped) under `logits`, and their count."""
+    import torch
+
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != IGNORE)
+    return [(s, int(n)) for s, n in zip(picked.sum(-1).tolist(), (targets != IGNORE).sum(-1).tolist())]
 
 
 def _prompt_learning(model) -> bool:

@@ -229,7 +229,8 @@ def online_problems(method, train, data) -> list[str]:
     return out
 
 
-ONLINE_CHECKS = all_checks(padded_batches("rollouts are padded batches"), reply_budget, online_problems)
+ROLLOUTS_PADDED = padded_batches("rollouts are padded batches")
+ONLINE_CHECKS = all_checks(ROLLOUTS_PADDED, reply_budget, online_problems)
 
 
 def sampling_config(job, params, config_class, **extra):

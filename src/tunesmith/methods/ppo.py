@@ -29,9 +29,9 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field
 
-from tunesmith.methods.base import Method, TrainOutcome, all_checks, padded_batches
-from tunesmith.methods.online import (PROMPT_KINDS, OnlineParams, PromptRow, encode_prompts,  # noqa: F401 - re-exported
-                                     reply_budget)
+from tunesmith.methods.base import Method, TrainOutcome, all_checks
+from tunesmith.methods.online import (PROMPT_KINDS, ROLLOUTS_PADDED, OnlineParams, PromptRow,  # noqa: F401 - re-exported
+                                     encode_prompts, reply_budget)
 from tunesmith.recipe import MethodParams
 
 VALUE_HEAD = "value_head.safetensors"
@@ -588,5 +588,5 @@ METHOD = Method(
     record_types=PROMPT_KINDS,
     train=train,
     encode=encode_prompts,
-    check=all_checks(padded_batches("rollouts are padded batches"), reply_budget, ppo_problems),
+    check=all_checks(ROLLOUTS_PADDED, reply_budget, ppo_problems),
 )
