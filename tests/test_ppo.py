@@ -432,11 +432,22 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_
     assert manifest["training"]["trained_tokens"] == sum(r["response_length"] * 4 for r in straight)
 
 
-def test_resume_without_a_checkpoint_says_how_to_start(tmp_path, tiny_model_dir):
+def test_resume_refuses_a_missing_or_foreign_checkpoint(tmp_path, tiny_model_dir):
+    import shutil
+
+    from tunesmith.methods.ppo import CHECKPOINT_STATE
+
     reward_file = tmp_path / "length.py"
     reward_file.write_text("def short(prompts, responses):\n    return [-len(r) / 10 for r in responses]\n")
     recipe = make_recipe(tmp_path, tiny_model_dir, prompt_file(tmp_path, 8), {"reward_function": f"{reward_file}:short"},
-                         max_steps=1)
+                         max_steps=2, save_every=1)
     train_run(recipe, echo=lambda _: None)
+    state_file = tmp_path / "run" / "checkpoints" / "checkpoint-1" / CHECKPOINT_STATE
+    state = torch.load(state_file, weights_only=False)
+    state["trainable"]["model.no_such_layer.weight"] = torch.zeros(1)  # a checkpoint of some other model
+    torch.save(state, state_file)
+    with pytest.raises(RunError, match="the checkpoint has weights this model lacks \\(model.no_such_layer.weight"):
+        train_run(recipe, resume=True, echo=lambda _: None)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
     with pytest.raises(RunError, match="no PPO checkpoint to resume from"):
         train_run(recipe, resume=True, echo=lambda _: None)
