@@ -238,6 +238,71 @@ def test_classify_an_encoder_with_lora(tmp_path, tiny_bert_dir):
 
 
 @pytest.fixture(scope="module")
+def tiny_sentence_bert_dir(tmp_path_factory, tiny_bert_dir):
+    """The tiny BERT as a sentence-transformers folder that declares mean pooling (like MiniLM's)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny-sentence-bert")
+    shutil.copytree(tiny_bert_dir, folder, dirs_exist_ok=True)
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+         "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}))
+    return folder
+
+
+def test_sentence_encoder_heads_read_the_mean_of_token_states(tmp_path, tiny_sentence_bert_dir, tiny_bert_dir):
+    """pooling auto -> mean for a folder that declares it: the pooler is frozen and unchanged, the head and the
+    adapter train, and predictions equal the head applied by hand to the masked mean of a plain reload's states."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from tunesmith.methods.classify import PadCollator, predict, tokenize_text
+    from tunesmith.model import load_tokenizer, resolve_model
+
+    assert classify_pooling(tiny_sentence_bert_dir) == "mean" and classify_pooling(tiny_bert_dir) == "model"
+    tokenizer = load_tokenizer(resolve_model(str(tiny_sentence_bert_dir)))
+    callback, seen = recorder(tokenizer)
+    recipe = make_recipe(tmp_path, tiny_sentence_bert_dir, {"name": "classify", "adapter": "lora"}, precision="fp32")
+    train_run(recipe, callbacks=[callback], echo=lambda s: None)
+
+    assert json.loads((tmp_path / "run" / "labels.json").read_text())["pooling"] == "mean"
+    pooler = {n for n in seen["before"] if ".pooler." in n}
+    assert pooler and not pooler & seen["trainable"]
+    assert_only_trainable_moved(seen)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_sentence_bert_dir, num_labels=2)
+    model = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
+    batch = PadCollator(tokenizer.pad_token_id)([{"input_ids": tokenize_text(tokenizer, t, 64)[0]} for t in PROBES])
+    with torch.no_grad():
+        states = model(**batch, output_hidden_states=True).hidden_states[-1]
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        by_hand = model.base_model.model.classifier((states * mask).sum(1) / mask.sum(1)).softmax(-1)
+        own_head = model(**batch).logits.softmax(-1)
+    probs = np.array([[p["neg"], p["pos"]] for p in predict(tmp_path / "run", PROBES, precision="fp32")])
+    assert np.allclose(probs, by_hand.numpy(), atol=1e-6)
+    assert not np.allclose(probs, own_head.numpy(), atol=1e-3)  # not the [CLS] pooler's answer
+
+
+def classify_pooling(folder) -> str:
+    from tunesmith.methods.classify import resolve_pooling
+    from tunesmith.model import resolve_model
+
+    return resolve_pooling("auto", resolve_model(str(folder)))
+
+
+def test_mean_pooling_a_model_without_a_linear_head_says_what_to_set():
+    from tunesmith.errors import ModelError
+    from tunesmith.methods.classify import label_head
+
+    with pytest.raises(ModelError) as err:
+        label_head(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    assert "Sequential" in str(err.value) and "method.pooling: model" in err.value.hint
+
+
+@pytest.fixture(scope="module")
 def tiny_llama64_dir(tmp_path_factory, tokenizer):
     """The tiny Llama at hidden 64: bitsandbytes' CPU inference repacks 4-bit weights in blocks of 64 inputs."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -360,6 +425,7 @@ def test_minilm_resolves_to_the_packaged_encoder():
     from tunesmith.model import load_tokenizer, resolve_model
 
     source = resolve_model("minilm")
+    assert classify_pooling(source.path) == "mean"  # its sentence-transformers config: the head reads the mean
     config = json.loads((source.path / "config.json").read_text())
     assert (config["model_type"], config["hidden_size"], config["num_hidden_layers"]) == ("bert", 384, 6)
     assert "all-MiniLM-L6-v2" in source.describe()

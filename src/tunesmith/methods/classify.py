@@ -1,7 +1,9 @@
 """Sequence classification (`method: classify`): a classification head on any model, tuned with an adapter.
 
-Decoders (Llama-family) score the last non-pad token; encoders (BERT, e.g. `model.name: minilm`) their pooled
-[CLS]. A row is the record's plain text (no chat template) and its label id; the loss is cross-entropy with each
+Decoders (Llama-family) score the last non-pad token; encoders (BERT) their pooled [CLS] — the model's own head
+(`pooling: model`). A sentence-transformers encoder (e.g. `model.name: minilm`) was trained to be read by the mean
+of its token states, not by its [CLS] pooler, so there the head reads that mean (`pooling: mean`, the `auto` choice
+when the model folder's sentence-transformers config declares mean pooling; the unused pooler is frozen). A row is the record's plain text (no chat template) and its label id; the loss is cross-entropy with each
 row multiplied by its label's class weight (`data.class_weights`), averaged over the rows. Read top to bottom:
 parameters, rows, loss, trainer, model, save, predict.
 
@@ -13,6 +15,9 @@ Decoder batches are padded on the left (see `padding_side`). Reload a peft or fu
     base = AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=labels["num_labels"],
                                                               pad_token_id=labels["pad_token_id"])
     model = PeftModel.from_pretrained(base, RUN / "adapter")   # or from_pretrained(RUN / "model")
+
+With `"pooling": "mean"` in labels.json the logits are the head applied to the mean of the last hidden states over
+the attention mask: `model.classifier(mean)` (BERT) or `model.score(mean)` (Llama), not `model(...).logits`.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ class ClassifyParams(AdapterParamsMixin, MethodParams):
     """Any adapter of methods/adapters.py adapts the body; the new head is always trained in full."""
 
     name: Literal["classify"] = "classify"
+    # what the head reads: the model's own choice (last token / [CLS] pooler), or the mean of the token states;
+    # auto: mean where the model folder's sentence-transformers config says it was trained for mean pooling
+    pooling: Literal["auto", "model", "mean"] = "auto"
 
 
 # ----------------------------------------------------------------------------------------------- rows
@@ -120,10 +128,70 @@ class PadCollator:
         return batch
 
 
-# ----------------------------------------------------------------------------------------------- loss and trainer
+# ----------------------------------------------------------------------------------------------- pooling and loss
+
+HEADS = ("score", "classifier")  # the label layer of Llama-style and BERT-style sequence-classification models
 
 
-def classification_loss(model, inputs: dict[str, Any]):
+def resolve_pooling(requested: str, source) -> str:
+    """'model' or 'mean': `requested`, or for 'auto' what the model folder's sentence-transformers config declares."""
+    if requested != "auto":
+        return requested
+    return "mean" if sentence_transformers_pooling(source.path) == "mean" else "model"
+
+
+def sentence_transformers_pooling(folder: Path) -> str | None:
+    """'mean', 'cls', 'max', … from a sentence-transformers folder's Pooling module config; None for other folders."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+        entry = next(m for m in modules if str(m.get("type", "")).endswith("Pooling"))
+        config = json.loads((folder / entry.get("path", "") / "config.json").read_text())
+    except (OSError, ValueError, StopIteration, AttributeError):
+        return None
+    modes = [key.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
+             for key, on in config.items() if key.startswith("pooling_mode_") and on is True]
+    return modes[0] if len(modes) == 1 else None
+
+
+def label_head(model):
+    """The linear layer that maps a pooled vector to the labels (`score` or `classifier`; peft's trainable copy)."""
+    import torch.nn as nn
+
+    from tunesmith.errors import ModelError
+
+    found = [(name, m) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in HEADS]
+    if found:
+        name, module = min(found, key=lambda f: f[0].count("."))
+        if isinstance(getattr(module, "original_module", module), nn.Linear):
+            return module
+    raise ModelError(f"classify.pooling: mean needs a model whose label head is one linear layer (`score` or "
+                     f"`classifier`), and {type(model).__name__} has none",
+                     "set method.pooling: model to use the model's own head")
+
+
+def head_logits(model, inputs: dict[str, Any], pooling: str):
+    """The (batch, labels) logits: the model's own head, or for 'mean' the head applied to the masked mean of the
+    last hidden states (with the model's classifier dropout while training)."""
+    if pooling == "model":
+        return model(**inputs).logits
+    import torch
+    import torch.nn.functional as F
+
+    from tunesmith.methods.features import pool
+
+    hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
+    mask = inputs["attention_mask"]
+    if hidden.shape[1] > mask.shape[1]:  # prompt tuning prepends virtual tokens; every real token sees them
+        mask = torch.cat([mask.new_ones(mask.shape[0], hidden.shape[1] - mask.shape[1]), mask], 1)
+    config = model.config
+    dropout = getattr(config, "classifier_dropout", None)
+    dropout = getattr(config, "hidden_dropout_prob", 0.0) if dropout is None else dropout
+    pooled = F.dropout(pool(hidden, mask, "mean"), dropout, training=model.training)
+    head = label_head(model)
+    return head(pooled.to(next(head.parameters()).dtype))
+
+
+def classification_loss(model, inputs: dict[str, Any], pooling: str = "model"):
     """Mean over rows of cross-entropy × the row's weight (its label's class weight; 1 without `weights`).
 
     Returns (loss, logits). With inverse-frequency weights (mean weight 1 over the data set) the expected loss keeps
@@ -132,7 +200,7 @@ def classification_loss(model, inputs: dict[str, Any]):
     import torch.nn.functional as F
 
     model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "weights")}
-    logits = model(**model_inputs).logits
+    logits = head_logits(model, model_inputs, pooling)
     per_row = F.cross_entropy(logits.float(), inputs["labels"], reduction="none")
     weights = inputs.get("weights")
     if weights is not None:
@@ -148,14 +216,14 @@ def accuracy(prediction) -> dict[str, float]:
     return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(prediction.label_ids)).mean())}
 
 
-def _trainer_class():
+def _trainer_class(pooling: str):
     from transformers import Trainer
 
     class ClassifyTrainer(Trainer):
         loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by the accumulation steps
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, logits = classification_loss(model, inputs)
+            loss, logits = classification_loss(model, inputs, pooling)
             return (loss, {"loss": loss, "logits": logits}) if return_outputs else loss
 
     return ClassifyTrainer
@@ -192,13 +260,14 @@ def train(job) -> TrainOutcome:
 
     params: ClassifyParams = job.recipe.method
     classes = job.train_rows[0].classes
-    model = build_model(job, params, classes)
+    pooling = resolve_pooling(params.pooling, job.source)
+    model = build_model(job, params, classes, pooling)
     side = padding_side(model.config)
     collator = WeightedCollator(PadCollator(job.tokenizer.pad_token_id, side))
-    trainer, log = head_trainer(job, _trainer_class(), model, collator, accuracy, label_names=["labels"])
+    trainer, log = head_trainer(job, _trainer_class(pooling), model, collator, accuracy, label_names=["labels"])
     outcome = run_trainer(job, trainer, model)
     outcome.losses.update(log.summary(before=job.recipe.eval.loss_before and not job.resume))
-    outcome.saved = save(job, trainer.model, params, classes, side)
+    outcome.saved = save(job, trainer.model, params, classes, side, pooling)
     return outcome
 
 
@@ -231,8 +300,9 @@ def padding_side(config) -> str:
     return "right" if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "left"
 
 
-def build_model(job, params: ClassifyParams, classes: tuple[str, ...]):
-    """The base model with a `len(classes)` head that knows the labels and the pad token, wrapped in the adapter."""
+def build_model(job, params: ClassifyParams, classes: tuple[str, ...], pooling: str = "model"):
+    """The base model with a `len(classes)` head that knows the labels and the pad token, wrapped in the adapter;
+    under mean pooling the [CLS] pooler is unused, so it is frozen (its adapter weights too)."""
     from transformers import set_seed
 
     from tunesmith.methods.adapters import apply_adapter, load_base_for
@@ -243,27 +313,34 @@ def build_model(job, params: ClassifyParams, classes: tuple[str, ...]):
     model.config.label2id = {label: i for i, label in enumerate(classes)}
     model.config.pad_token_id = job.tokenizer.pad_token_id  # decoders pool the last token that isn't padding
     model.config.use_cache = False
-    return apply_adapter(model, params, TASK, job.precision)
+    model = apply_adapter(model, params, TASK, job.precision)
+    if pooling == "mean":
+        label_head(model)  # a model without a linear head fails here, before training
+        for name, parameter in model.named_parameters():
+            if ".pooler." in f".{name}":
+                parameter.requires_grad_(False)
+    return model
 
 
-def save(job, model, params: ClassifyParams, classes: tuple[str, ...], side: str) -> str:
+def save(job, model, params: ClassifyParams, classes: tuple[str, ...], side: str, pooling: str) -> str:
     """The weights (`adapter/`, or `model/` with the tokenizer) and `labels.json`; return the weights folder."""
     from tunesmith.methods.adapters import save_adapter
 
     saved = save_adapter(model, params, job.run, job.tokenizer)
-    write_labels(job.run.root, classes, job.tokenizer.pad_token_id, saved, padding_side=side)
+    write_labels(job.run.root, classes, job.tokenizer.pad_token_id, saved, padding_side=side, pooling=pooling)
     return saved
 
 
 def write_labels(root: Path, classes: tuple[str, ...], pad_token_id: int | None, saved: str, task: str = TASK,
-                 padding_side: str = "right") -> None:
+                 padding_side: str = "right", pooling: str = "model") -> None:
     """`labels.json`: the label of each head output (id ↔ label) and what a plain reload needs."""
     from tunesmith.artifacts import write_json
 
     write_json(root / "labels.json", {
         "labels": list(classes), "id2label": {str(i): label for i, label in enumerate(classes)},
         "label2id": {label: i for i, label in enumerate(classes)}, "num_labels": len(classes),
-        "pad_token_id": pad_token_id, "padding_side": padding_side, "task": task, "saved": saved})
+        "pad_token_id": pad_token_id, "padding_side": padding_side, "pooling": pooling, "task": task,
+        "saved": saved})
 
 
 # ----------------------------------------------------------------------------------------------- predict
@@ -279,6 +356,16 @@ class LoadedClassifier:
     max_len: int
     precision: str
     collate: PadCollator
+    pooling: str = "model"
+
+    def logits(self, batch: dict[str, Any]):
+        """(batch, labels) fp32 logits, without gradients, in the run's precision."""
+        import torch
+
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return head_logits(self.model, batch, self.pooling).float()
 
 
 _CACHE: dict[tuple, LoadedClassifier] = {}
@@ -313,7 +400,8 @@ def load_classifier(run_dir: str | Path, precision: str | None = None) -> Loaded
     if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":  # qlora bases load on the GPU
         model.to("cuda")
     collate = PadCollator(meta["pad_token_id"], meta.get("padding_side", "right"))
-    loaded = LoadedClassifier(model, tokenizer, meta["labels"], recipe["train"]["max_seq_len"], precision, collate)
+    loaded = LoadedClassifier(model, tokenizer, meta["labels"], recipe["train"]["max_seq_len"], precision, collate,
+                              meta.get("pooling", "model"))
     _CACHE[key] = loaded
     return loaded
 
@@ -322,20 +410,16 @@ def predict(run_dir: str | Path, texts: list[str], batch_size: int = 16, precisi
             progress: Callable[[int], None] | None = None) -> list[dict[str, float]]:
     """`{label: probability}` (softmax over the head's outputs) for each text, in order; a progress bar unless
     the caller counts rows with `progress`."""
-    import torch
     from tqdm.auto import tqdm
 
     loaded = load_classifier(run_dir, precision)
     encoded = [tokenize_text(loaded.tokenizer, t, loaded.max_len)[0] for t in texts]
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
-    device = next(loaded.model.parameters()).device
     out: list[dict[str, float]] = [{} for _ in texts]
     bar = tqdm(total=len(texts), desc="classifying", unit="row", leave=False, disable=progress is not None)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in loaded.collate([{"input_ids": encoded[i]} for i in chunk]).items()}
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=loaded.precision == "bf16"):
-            probs = loaded.model(**batch).logits.float().softmax(-1)
+        probs = loaded.logits(loaded.collate([{"input_ids": encoded[i]} for i in chunk])).softmax(-1)
         for i, row in zip(chunk, probs.tolist()):
             out[i] = dict(zip(loaded.labels, row))
         bar.update(len(chunk))

@@ -245,21 +245,15 @@ class RewardModel:
 
     def score_conversations(self, conversations: list[list[dict[str, str]]], progress=None) -> list[float]:
         """The reward of each conversation's last assistant turn."""
-        import torch
-
         from tunesmith.methods.classify import load_classifier
 
         loaded = load_classifier(self.run_dir, self.precision)
         encoded = [conversation_ids(loaded.tokenizer, c, loaded.max_len)[0] for c in conversations]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
-        device = next(loaded.model.parameters()).device
         out = [0.0] * len(encoded)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            batch = {k: v.to(device) for k, v in loaded.collate([{"input_ids": encoded[i]} for i in chunk]).items()}
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                 enabled=loaded.precision == "bf16"):
-                scores = loaded.model(**batch).logits[:, 0].float().tolist()
+            scores = loaded.logits(loaded.collate([{"input_ids": encoded[i]} for i in chunk]))[:, 0].tolist()
             for i, s in zip(chunk, scores):
                 out[i] = s
             if progress:
