@@ -181,6 +181,39 @@ def test_class_weights_multiply_each_rows_loss(tmp_path, tiny_model_dir, tokeniz
     assert torch.allclose(tripled, 3 * single, atol=1e-6)
 
 
+def test_group_by_length_batches_rows_of_similar_length(tmp_path, tiny_model_dir, tokenizer):
+    """train.group_by_length: batches hold rows of similar length (transformers sorts mega-batches of shuffled
+    rows), so an epoch of the real dataloader carries a fraction of random batching's padding, every row once."""
+    from transformers import Trainer
+
+    from tunesmith.artifacts import RunDir
+    from tunesmith.data import prepare_data
+    from tunesmith.methods import classify
+    from tunesmith.methods.common import Job
+    from tunesmith.model import resolve_model
+
+    rows = [{"text": " ".join(WORDS[:1 + (7 * i) % 10]) + f" {i}", "label": "pos" if i % 2 else "neg"}
+            for i in range(200)]
+    padded = {}
+    for grouped in (False, True):
+        recipe = make_recipe(tmp_path, tiny_model_dir, {"name": "classify", "adapter": "lora"}, rows=rows,
+                             name=f"grouped-{grouped}", group_by_length=grouped, batch_size=4)
+        run = RunDir(tmp_path / f"grouped-{grouped}")
+        run.root.mkdir()
+        encoded = classify.encode_labelled(prepare_data(recipe.data, 7, ("classification",)), tokenizer, recipe)
+        job = Job(recipe=recipe, run=run, source=resolve_model(str(tiny_model_dir)), tokenizer=tokenizer,
+                  train_rows=encoded.train, validation_rows=encoded.validation, loss_rows=[], precision="fp32")
+        model = classify.build_model(job, recipe.method, ("neg", "pos"))
+        collate = classify.PadCollator(tokenizer.pad_token_id, "left")
+        trainer, _ = classify.head_trainer(job, Trainer, model, collate, classify.accuracy, ["labels"])
+        batches = list(trainer.get_train_dataloader())
+        assert sorted(int(n) for b in batches for n in b["attention_mask"].sum(1)) == \
+            sorted(len(r.input_ids) for r in encoded.train)  # every row once
+        padded[grouped] = sum(b["input_ids"].numel() for b in batches)
+    real = sum(len(r.input_ids) for r in encoded.train)
+    assert padded[True] - real < (padded[False] - real) / 4  # measured: 67 padding tokens against 447
+
+
 @pytest.fixture(scope="module")
 def tiny_bert_dir(tmp_path_factory):
     """A 2-layer, hidden-32 random BERT (saved as a bare BertModel, like MiniLM) with a small WordPiece vocabulary."""

@@ -208,7 +208,13 @@ def test_record_format_the_method_cannot_train(tmp_path):
     ({"name": "dpo"}, {"padding_free": True}, {"format": "preference"},
      "`train.padding_free`: true can't train `method: dpo` — preference and generation batches are padded; set "
      "train.padding_free=false"),
-], ids=["classify", "prompt-adapter", "kto", "grpo", "rloo", "dpo"])
+    ({"name": "dpo"}, {"group_by_length": True}, {"format": "preference"},
+     "`train.group_by_length`: true can't train `method: dpo` — TRL batches the pairs itself; set "
+     "train.group_by_length=false"),
+    ({"name": "grpo", "reward_function": "m:f", "num_generations": 2}, {"group_by_length": True}, {},
+     "`train.group_by_length`: true can't train `method: grpo` — prompts are sampled for rollouts, not batched by "
+     "length; set train.group_by_length=false"),
+], ids=["classify", "prompt-adapter", "kto", "grpo", "rloo", "dpo", "dpo-grouped", "grpo-grouped"])
 def test_what_a_method_cannot_honour_is_reported_when_the_recipe_loads(tmp_path, method, train, data, problem):
     """The methods' own checks run at load time — `tunesmith validate` reports them, nothing is loaded first."""
     path = write_recipe(tmp_path, {"data": {"train": "train.jsonl", **data}, "method": method, "train": train})

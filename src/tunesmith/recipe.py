@@ -87,6 +87,7 @@ class TrainSection(Strict):
     max_seq_len: int = Field(512, gt=8)  # longer rows are truncated (counted and reported)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: fastest correct on this hardware
     padding_free: bool = False  # concatenate a batch without padding; measured no faster on CPU (see BENCHMARKS.md)
+    group_by_length: bool = False  # batches of rows of similar length: less padding per step (see BENCHMARKS.md)
     gradient_checkpointing: bool = False
     seed: int = 42
     eval_every: int | None = Field(None, gt=0)  # steps between validation-loss evaluations
@@ -450,6 +451,7 @@ train:
   max_seq_len: 512
   precision: auto        # auto | bf16 | fp16 | fp32 (auto picks the fastest correct one here)
   padding_free: false   # true concatenates rows without padding (helps on GPUs with flash attention)
+  group_by_length: false  # true batches rows of similar length together: less padding, faster steps
   gradient_checkpointing: false
   seed: 42
   eval_every: null       # steps between validation-loss measurements

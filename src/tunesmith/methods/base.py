@@ -45,16 +45,25 @@ class TrainOutcome:
     stopped_early: bool = False
 
 
-def padded_batches(why: str) -> Callable[..., list[str]]:
-    """A `check` refusing `train.padding_free` for methods whose batches must stay padded, saying why."""
+def refuses(setting: str, why: str) -> Callable[..., list[str]]:
+    """A `check` refusing a true `train.<setting>` for a method that can't honour it, saying why."""
 
     def check(method, train, data) -> list[str]:
-        if not train.padding_free:
+        if not getattr(train, setting):
             return []
-        return [f"`train.padding_free`: true can't train `method: {method.name}` — {why}; set "
-                "train.padding_free=false"]
+        return [f"`train.{setting}`: true can't train `method: {method.name}` — {why}; set train.{setting}=false"]
 
     return check
+
+
+def padded_batches(why: str) -> Callable[..., list[str]]:
+    """A `check` refusing `train.padding_free` for methods whose batches must stay padded, saying why."""
+    return refuses("padding_free", why)
+
+
+def own_batches(why: str) -> Callable[..., list[str]]:
+    """A `check` refusing `train.group_by_length` for methods that build their batches themselves."""
+    return refuses("group_by_length", why)
 
 
 def all_checks(*checks: Callable[..., list[str]]) -> Callable[..., list[str]]:

@@ -91,6 +91,8 @@ def trainer_arguments(job: Job) -> dict[str, Any]:
         report_to=["tensorboard"], disable_tqdm=False, dataloader_num_workers=0,
         remove_unused_columns=False, prediction_loss_only=True, use_cpu=not torch.cuda.is_available(),
     )
+    if t.group_by_length:  # otherwise each trainer's own default (random; TRL's KTO: sequential)
+        args["train_sampling_strategy"] = "group_by_length"
     if t.warmup_steps is not None:
         args["warmup_steps"] = t.warmup_steps
     elif t.warmup_ratio is not None:

@@ -25,7 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from tunesmith.data.format import IGNORE, Encoded, preference_pair, prompt_messages
 from tunesmith.errors import RecipeError
-from tunesmith.methods.base import Method, TrainOutcome, all_checks, padded_batches
+from tunesmith.methods.base import Method, TrainOutcome, all_checks, own_batches, padded_batches
 from tunesmith.methods.preference import AlignmentRows, PolicyParams, chat_ids, fit_prompt
 from tunesmith.recipe import MethodParams
 
@@ -229,7 +229,8 @@ def online_problems(method, train, data) -> list[str]:
     return out
 
 
-ROLLOUTS_PADDED = padded_batches("rollouts are padded batches")
+ROLLOUTS_PADDED = all_checks(padded_batches("rollouts are padded batches"),
+                             own_batches("prompts are sampled for rollouts, not batched by length"))
 ONLINE_CHECKS = all_checks(ROLLOUTS_PADDED, reply_budget, online_problems)
 
 

@@ -29,7 +29,7 @@ from pydantic_core import PydanticCustomError
 from tunesmith.data.format import IGNORE, Encoded, preference_pair, prompt_messages, to_messages
 from tunesmith.errors import DataError, RecipeError
 from tunesmith.methods.adapters import AdapterParamsMixin
-from tunesmith.methods.base import Method, TrainOutcome, all_checks, padded_batches
+from tunesmith.methods.base import Method, TrainOutcome, all_checks, own_batches, padded_batches
 from tunesmith.recipe import MethodParams
 
 # DPOConfig.loss_type in TRL 1.16 (its field help and DPOTrainer's "Unknown loss type" list; a test keeps them equal)
@@ -360,7 +360,8 @@ def save(job, model, params: PolicyParams) -> str:
 # ----------------------------------------------------------------------------------------------- the shared loop
 
 
-PADDED = padded_batches("preference and generation batches are padded")
+PADDED = all_checks(padded_batches("preference and generation batches are padded"),
+                    own_batches("TRL batches the pairs itself"))
 
 
 def kto_problems(method, train, data) -> list[str]:
