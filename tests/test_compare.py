@@ -262,3 +262,33 @@ def test_intervals_are_percentile_bootstraps_of_the_rows():
     assert score(text, "lm", 100, 0)["value"] == pytest.approx(math.exp(2.0))
     low, high = bootstrap_interval([[1.0, 3.0]], lambda x: x.mean(-1), 500, 0)
     assert 1.0 <= low <= high <= 3.0
+
+
+def test_an_arm_process_ends_when_compare_is_killed(tmp_path):
+    """`kill` (SIGTERM) of the compare process takes its running arm with it: no training left orphaned."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys, time\nfrom tunesmith.compare import tied_popen\n"
+              "child = tied_popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              "print(child.pid, flush=True)\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(child, 0)  # running
+    parent.send_signal(signal.SIGTERM)
+    parent.wait(timeout=10)
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{child}/stat") as fh:  # a zombie (exited, not yet reaped by init) counts as gone
+            if fh.read().split(") ")[1].startswith("Z"):
+                break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the arm's process outlived compare")

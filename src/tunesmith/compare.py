@@ -316,20 +316,42 @@ def _spawn(spec_file: Path, log: Path, run: RunDir, recipe: Recipe, verbose: boo
     command = [sys.executable, "-m", "tunesmith.compare", str(spec_file)]
     with open(log, "w", encoding="utf-8") as fh:
         sink = None if verbose else fh
-        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT if sink else None, env=env)
+        proc = tied_popen(command, stdout=sink, stderr=subprocess.STDOUT if sink else None, env=env)
         # steps from the run's metrics.jsonl; no bar when its output is shown, or off a terminal (disable=None)
         bar = tqdm(total=recipe.train.max_steps, desc="steps", unit="step", leave=False, disable=verbose or None)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            step = _last_step(run)
-            if step > bar.n:
-                bar.update(step - bar.n)
-            time.sleep(0.5)
-        bar.close()
+        try:
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                step = _last_step(run)
+                if step > bar.n:
+                    bar.update(step - bar.n)
+                time.sleep(0.5)
+        except BaseException:  # Ctrl-C or an error here: the arm stops with us
+            proc.terminate()
+            proc.wait()
+            raise
+        finally:
+            bar.close()
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, _maxrss_bytes(usage.ru_maxrss)
+
+
+def tied_popen(command: list[str], **kwargs) -> subprocess.Popen:
+    """Popen whose process ends with ours: on Linux the kernel sends it SIGTERM when this process exits, however
+    it exits (a `kill` of compare must not leave an arm training unseen in the background)."""
+    if sys.platform.startswith("linux"):
+        kwargs["preexec_fn"] = _terminate_when_parent_exits
+    return subprocess.Popen(command, **kwargs)
+
+
+def _terminate_when_parent_exits() -> None:
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 def _last_step(run: RunDir) -> int:
