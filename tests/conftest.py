@@ -48,3 +48,20 @@ def chat_rows() -> list[dict]:
     """Twenty short, distinct chats."""
     return [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                           {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(20)]
+
+
+def epoch_padding(recipe) -> int:
+    """Padding tokens in one epoch of the run's own training dataloader (counted at train begin; train_run runs)."""
+    from transformers import TrainerCallback
+
+    from tunesmith.train import train_run
+
+    seen = {}
+
+    class Count(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
+            batches = list(train_dataloader)
+            seen["padding"] = sum(b["input_ids"].numel() - int(b["attention_mask"].sum()) for b in batches)
+
+    train_run(recipe, callbacks=[Count()], echo=lambda s: None)
+    return seen["padding"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import write_jsonl
+from conftest import epoch_padding, write_jsonl
 from test_classify import assert_only_trainable_moved
 from tunesmith.data.format import encode_chat, preference_pair
 from tunesmith.data.records import Record
@@ -262,3 +262,12 @@ def test_sft_on_preference_rows_learns_only_the_chosen_reply_and_keeps_the_end(t
     assert trained == "Fine.<|im_end|>"  # not the earlier assistant turn, not the rejected reply
     cut = encode(record, tokenizer, 8)
     assert cut.truncated and cut.input_ids == full.input_ids[-8:] and cut.labels == full.labels[-8:]
+
+
+def test_group_by_length_reaches_the_reward_trainer(tmp_path, tiny_model_dir):
+    """Pairs batched by length (of the chosen conversation) pad far less than random pairs."""
+    rows = [{"prompt": f"\n\nHuman: Tell me about {' '.join(TOPICS[:1 + (5 * i) % 12])} {i}.\n\nAssistant:",
+             "chosen": " Yes, gladly.", "rejected": " No."} for i in range(96)]
+    padding = {grouped: epoch_padding(make_recipe(tmp_path, tiny_model_dir, name=f"rm-{grouped}", rows=rows,
+                                                  group_by_length=grouped, max_steps=1)) for grouped in (False, True)}
+    assert padding[True] < padding[False] / 1.5  # measured 394 against 770; the rest is chosen vs rejected length
