@@ -3,9 +3,10 @@
 Decoders (Llama-family) score the last non-pad token; encoders (BERT) their pooled [CLS] — the model's own head
 (`pooling: model`). A sentence-transformers encoder (e.g. `model.name: minilm`) was trained to be read by the mean
 of its token states, not by its [CLS] pooler, so there the head reads that mean (`pooling: mean`, the `auto` choice
-when the model folder's sentence-transformers config declares mean pooling; the unused pooler is frozen). A row is the record's plain text (no chat template) and its label id; the loss is cross-entropy with each
-row multiplied by its label's class weight (`data.class_weights`), averaged over the rows. Read top to bottom:
-parameters, rows, loss, trainer, model, save, predict.
+when the model folder's sentence-transformers config declares mean pooling; the unused pooler is frozen). A row is
+the record's plain text (no chat template) and its label id; the loss is cross-entropy with each row multiplied by
+its label's class weight (`data.class_weights`), averaged over the rows. Read top to bottom: parameters, rows,
+pooling and loss, trainer, model, save, predict.
 
 Any adapter of methods/adapters.py adapts the body. The run folder holds `adapter/` (peft: the head travels in
 `modules_to_save`; bottleneck adapters: with their own weights) or `model/` (freeze, full), and `labels.json`.
