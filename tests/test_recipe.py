@@ -535,7 +535,7 @@ def test_starter_recipe_shows_the_schema_defaults(tmp_path):
             else:
                 assert value == default, f"{section}.{key}"
             checked += 1
-    assert checked == 27
+    assert checked == 28
     assert starter["model"] == {"name": ModelSection().name}
     assert SFTParams.model_validate(starter["method"]) == SFTParams()
 
