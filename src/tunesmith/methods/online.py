@@ -229,9 +229,9 @@ def online_problems(method, train, data) -> list[str]:
     return out
 
 
-ROLLOUTS_PADDED = all_checks(padded_batches("rollouts are padded batches"),
+ROLLOUT_BATCHES = all_checks(padded_batches("rollouts are padded batches"),
                              own_batches("prompts are sampled for rollouts, not batched by length"))
-ONLINE_CHECKS = all_checks(ROLLOUTS_PADDED, reply_budget, online_problems)
+ONLINE_CHECKS = all_checks(ROLLOUT_BATCHES, reply_budget, online_problems)
 
 
 def sampling_config(job, params, config_class, **extra):

@@ -30,7 +30,7 @@ from typing import Any, Callable, Literal
 from pydantic import Field
 
 from tunesmith.methods.base import Method, TrainOutcome, all_checks
-from tunesmith.methods.online import (PROMPT_KINDS, ROLLOUTS_PADDED, OnlineParams, PromptRow,  # noqa: F401 - re-exported
+from tunesmith.methods.online import (PROMPT_KINDS, ROLLOUT_BATCHES, OnlineParams, PromptRow,  # noqa: F401 - re-exported
                                      encode_prompts, reply_budget)
 from tunesmith.recipe import MethodParams
 
@@ -588,5 +588,5 @@ METHOD = Method(
     record_types=PROMPT_KINDS,
     train=train,
     encode=encode_prompts,
-    check=all_checks(ROLLOUTS_PADDED, reply_budget, ppo_problems),
+    check=all_checks(ROLLOUT_BATCHES, reply_budget, ppo_problems),
 )
