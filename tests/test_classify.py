@@ -319,6 +319,69 @@ def test_sentence_encoder_heads_read_the_mean_of_token_states(tmp_path, tiny_sen
     assert not np.allclose(probs, own_head.numpy(), atol=1e-3)  # not the [CLS] pooler's answer
 
 
+def three_label_rows() -> list[dict]:
+    """Thirty rows, ten per label; the label's word and the row's words vary."""
+    moods = {"pos": "was wonderful", "neg": "felt terrible", "mid": "was on paper"}
+    return [{"text": f"the {WORDS[(j * 3) % 10]} {moods[label]} on day {j}", "label": label}
+            for j in range(10) for label in moods]
+
+
+@pytest.mark.parametrize("kind", ["llama", "sentence-bert"])
+def test_probe_head_init_starts_from_the_logistic_regression_of_the_frozen_features(
+        tmp_path, kind, tiny_model_dir, tokenizer, tiny_sentence_bert_dir):
+    """head_init: probe — the head's logits on the training rows equal a logistic regression fitted independently
+    on the features method's embeddings (Llama: last token, binary, no bias; MiniLM-like: mean, 3 labels, bias);
+    the run records the probe's accuracy and its validation accuracy before training is the probe's."""
+    from tunesmith.artifacts import RunDir
+    from tunesmith.data import prepare_data
+    from tunesmith.methods import classify
+    from tunesmith.methods.common import Job
+    from tunesmith.methods.features import FeaturesParams, embed, evaluate, fit_classifier, load_encoder
+    from tunesmith.model import load_tokenizer, resolve_model
+
+    folder, rows = (tiny_model_dir, labelled_rows()) if kind == "llama" else (tiny_sentence_bert_dir, three_label_rows())
+    tok = load_tokenizer(resolve_model(str(folder)))
+    method = {"name": "classify", "adapter": "lora", "head_init": "probe", "probe_C": 0.5}
+    recipe = make_recipe(tmp_path, folder, method, rows=rows, precision="fp32")
+    encoded = classify.encode_labelled(prepare_data(recipe.data, 7, ("classification",)), tok, recipe)
+    RunDir(tmp_path / "built").root.mkdir()
+    job = Job(recipe=recipe, run=RunDir(tmp_path / "built"), source=resolve_model(str(folder)), tokenizer=tok,
+              train_rows=encoded.train, validation_rows=encoded.validation, loss_rows=[], precision="fp32")
+    classes = encoded.train[0].classes
+    pooling = classify.resolve_pooling("auto", job.source)
+    assert pooling == ("model" if kind == "llama" else "mean")
+    probe: dict[str, float] = {}
+    model = classify.build_model(job, recipe.method, classes, pooling, probe).eval()
+
+    encoder = load_encoder(resolve_model(str(folder)), "fp32")
+    feature_pooling = "last" if kind == "llama" else "mean"
+    x, x_val = (embed(encoder, [r.input_ids for r in part], tok.pad_token_id, feature_pooling)
+                for part in (encoded.train, encoded.validation))
+    y, y_val = (np.array([r.labels[0] for r in part]) for part in (encoded.train, encoded.validation))
+    clf = fit_classifier(x, y, FeaturesParams(C=0.5), 7, intercept=kind != "llama")
+    expected = clf.decision(x)
+    side = classify.padding_side(model.config)
+    collate = classify.PadCollator(tok.pad_token_id, side)
+    assert np.allclose(classify.head_inputs(model, [r.input_ids for r in encoded.train], collate, pooling), x,
+                       atol=1e-5)  # what the head reads = the features method's embedding
+    with torch.no_grad():
+        logits = classify.head_logits(model, collate([{"input_ids": r.input_ids} for r in encoded.train]),
+                                      pooling).double().numpy()
+    # atol 1e-3: batching changes the features by ~1e-6, which the fit carries into the weights (measured 4e-4)
+    if kind == "llama":  # binary: the two outputs are -margin/2 and +margin/2
+        assert np.allclose(logits[:, 1] - logits[:, 0], expected[:, 0], atol=1e-3)
+        assert np.allclose(logits.sum(1), 0, atol=1e-5)
+    else:
+        assert logits.shape == (len(y), 3) and np.allclose(logits, expected, atol=1e-3)
+    assert probe["probe_train_accuracy"] == (logits.argmax(1) == y).mean() == evaluate(clf, x, y)["accuracy"]
+    assert probe["probe_train_accuracy"] >= 1.5 / len(classes)  # well above chance on a frozen random model
+
+    manifest = train_run(recipe, echo=lambda s: None)
+    losses = manifest["losses"]
+    assert losses["probe_train_accuracy"] == probe["probe_train_accuracy"]
+    assert losses["validation_accuracy_before"] == evaluate(clf, x_val, y_val)["accuracy"]
+
+
 def classify_pooling(folder) -> str:
     from tunesmith.methods.classify import resolve_pooling
     from tunesmith.model import resolve_model
@@ -333,6 +396,9 @@ def test_mean_pooling_a_model_without_a_linear_head_says_what_to_set():
     with pytest.raises(ModelError) as err:
         label_head(torch.nn.Sequential(torch.nn.Linear(4, 4)))
     assert "Sequential" in str(err.value) and "method.pooling: model" in err.value.hint
+    with pytest.raises(ModelError) as err:
+        label_head(torch.nn.Sequential(torch.nn.Linear(4, 4)), "method.head_init: probe", "method.head_init: random")
+    assert str(err.value).startswith("method.head_init: probe needs") and "head_init: random" in err.value.hint
 
 
 @pytest.fixture(scope="module")
@@ -422,6 +488,19 @@ def test_linear_classifiers_separate_separable_embeddings_and_reload_exactly(tmp
     loaded, meta = load_linear(tmp_path / "classifier")
     assert meta == {"kind": "logistic", "labels": [f"c{i}" for i in range(classes)]}
     assert np.array_equal(loaded.predict(x), clf.predict(x)) and np.array_equal(loaded.scores(x), clf.scores(x))
+
+
+def test_standardizing_leaves_a_dimension_that_is_constant_but_for_rounding_unscaled():
+    """MiniLM's mean embeddings have three such dimensions (sd 1e-32 .. 1e-9); scaled to sd 1, their rounding noise
+    became a feature, and folded into a label head (head_init: probe) weights of 4e7 that blew training up."""
+    from tunesmith.methods.features import FeaturesParams, fit_classifier
+
+    x, y = separable(3)
+    noise = np.random.default_rng(1).normal(0, 1e-9, len(y))
+    x = np.concatenate([x, (1.0 + noise)[:, None], np.zeros((len(y), 1))], axis=1)
+    clf = fit_classifier(x, y, FeaturesParams(), seed=0)
+    assert clf.scale[-2:].tolist() == [1.0, 1.0] and np.all(clf.scale[:-2] > 0.4)
+    assert np.abs(clf.coef / clf.scale).max() < 10
 
 
 def test_features_run_reports_accuracy_and_predicts(tmp_path, tiny_model_dir, tokenizer):

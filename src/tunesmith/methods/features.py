@@ -132,8 +132,11 @@ class LinearClassifier:
         return self.class_ids[self.scores(x).argmax(1)]
 
 
-def fit_classifier(x, y, params: FeaturesParams, seed: int = 0) -> LinearClassifier:
-    """Fit scikit-learn's LogisticRegression or LinearSVC on embeddings `x` and label ids `y`."""
+def fit_classifier(x, y, params: FeaturesParams, seed: int = 0, sample_weight=None,
+                   intercept: bool = True) -> LinearClassifier:
+    """Fit scikit-learn's LogisticRegression or LinearSVC on embeddings `x` and label ids `y`, each row counted
+    `sample_weight` times (default 1). `intercept=False` fits scores = x / scale @ coef.T (no centring, no
+    intercept): the shape of a label head without a bias."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
     from sklearn.svm import LinearSVC
@@ -146,13 +149,16 @@ def fit_classifier(x, y, params: FeaturesParams, seed: int = 0) -> LinearClassif
                         "add rows of the other labels")
     mean, scale = np.zeros(x.shape[1]), np.ones(x.shape[1])
     if params.standardize:
-        mean, std = x.mean(axis=0), x.std(axis=0)
-        scale = np.where(std > 1e-12, std, 1.0)
+        std = x.std(axis=0)
+        # a dimension that is constant but for rounding (MiniLM has three, sd 1e-32 .. 1e-9) stays unscaled: scaled
+        # up, its rounding noise would look like a feature, and folded into a label head, weights of 1e7
+        scale = np.where(std > 1e-6 * std.max(initial=0.0), std, 1.0)
+        mean = x.mean(axis=0) if intercept else mean
     if params.classifier == "logistic":
-        model = LogisticRegression(C=params.C, max_iter=params.max_iter, random_state=seed)
+        model = LogisticRegression(C=params.C, max_iter=params.max_iter, random_state=seed, fit_intercept=intercept)
     else:
-        model = LinearSVC(C=params.C, max_iter=params.max_iter, random_state=seed)
-    model.fit((x - mean) / scale, y)
+        model = LinearSVC(C=params.C, max_iter=params.max_iter, random_state=seed, fit_intercept=intercept)
+    model.fit((x - mean) / scale, y, sample_weight=sample_weight)
     return LinearClassifier(params.classifier, model.coef_.copy(), np.atleast_1d(model.intercept_).copy(),
                             model.classes_.copy(), mean, scale)
 
