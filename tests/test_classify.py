@@ -376,10 +376,16 @@ def test_probe_head_init_starts_from_the_logistic_regression_of_the_frozen_featu
     assert probe["probe_train_accuracy"] == (logits.argmax(1) == y).mean() == evaluate(clf, x, y)["accuracy"]
     assert probe["probe_train_accuracy"] >= 1.5 / len(classes)  # well above chance on a frozen random model
 
-    manifest = train_run(recipe, echo=lambda s: None)
+    printed: list[str] = []
+    manifest = train_run(recipe, echo=printed.append)
     losses = manifest["losses"]
     assert losses["probe_train_accuracy"] == probe["probe_train_accuracy"]
     assert losses["validation_accuracy_before"] == evaluate(clf, x_val, y_val)["accuracy"]
+    summary = "\n".join(printed).splitlines()
+    assert f"linear probe, training accuracy {probe['probe_train_accuracy']:.4f}" in \
+        next(line for line in summary if "head init" in line)
+    assert next(line for line in summary if "validation accuracy" in line).split()[-3:] == [
+        f"{losses['validation_accuracy_before']:.4f}", "->", f"{losses['validation_accuracy_after']:.4f}"]
 
 
 def classify_pooling(folder) -> str:

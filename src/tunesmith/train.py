@@ -212,5 +212,11 @@ def train_summary(manifest: dict[str, Any], run: RunDir) -> str:
         ("train loss", f"{fmt(losses.get('train_before'))} -> {fmt(losses.get('train_after'))}"),
         ("validation loss", f"{fmt(losses.get('validation_before'))} -> {fmt(losses.get('validation_after'))}"),
     ]
+    if losses.get("validation_accuracy_after") is not None:  # classifiers
+        rows.append(("validation accuracy", f"{fmt(losses.get('validation_accuracy_before'))} -> "
+                                            f"{fmt(losses['validation_accuracy_after'])}"))
+    if losses.get("probe_train_accuracy") is not None:  # classify with head_init: probe
+        rows.append(("head init", f"linear probe, training accuracy {losses['probe_train_accuracy']:.4f} "
+                                  f"({losses['probe_seconds']:.1f} s)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(["", "summary"] + [f"  {k:<{width}}  {v}" for k, v in rows])
