@@ -206,6 +206,7 @@ def head_inputs(model, rows: list[list[int]], collate: PadCollator, pooling: str
     the masked mean); a decoder's head scores every position and the model keeps the last real token's scores."""
     import numpy as np
     import torch
+    from tqdm.auto import tqdm
 
     from tunesmith.methods.features import pool
 
@@ -218,7 +219,8 @@ def head_inputs(model, rows: list[list[int]], collate: PadCollator, pooling: str
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch: less padding
     try:
-        for start in range(0, len(order), batch_size):
+        for start in tqdm(range(0, len(order), batch_size), desc="probe: reading the frozen model", unit="batch",
+                          leave=False):
             chunk = order[start:start + batch_size]
             batch = {k: v.to(device) for k, v in collate([{"input_ids": rows[i]} for i in chunk]).items()}
             seen.clear()
