@@ -339,7 +339,8 @@ def test_probe_head_init_starts_from_the_logistic_regression_of_the_frozen_featu
     from tunesmith.methods.features import FeaturesParams, embed, evaluate, fit_classifier, load_encoder
     from tunesmith.model import load_tokenizer, resolve_model
 
-    folder, rows = (tiny_model_dir, labelled_rows()) if kind == "llama" else (tiny_sentence_bert_dir, three_label_rows())
+    folder, rows = ((tiny_model_dir, labelled_rows()) if kind == "llama"
+                    else (tiny_sentence_bert_dir, three_label_rows()))
     tok = load_tokenizer(resolve_model(str(folder)))
     method = {"name": "classify", "adapter": "lora", "head_init": "probe", "probe_C": 0.5}
     recipe = make_recipe(tmp_path, folder, method, rows=rows, precision="fp32")

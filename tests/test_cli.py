@@ -212,7 +212,8 @@ def test_train_resume_with_a_different_recipe_exits_2(good_recipe, tmp_path, cap
     (run_dir / "recipe.yaml").write_text("data: {train: other.jsonl}\n")
     assert main(["train", str(good_recipe), f"output.dir={run_dir}", "--resume"]) == 2
     err = capsys.readouterr().err
-    assert f"error: {run_dir}: the recipe differs from the one this run started with" in err
+    assert f"error: {run_dir}: the recipe differs from the one this run started with: data.train other.jsonl -> " \
+        in err and ", and " in err and " more" in err  # the first changes named, the rest counted
     assert (run_dir / "recipe.yaml").read_text() == "data: {train: other.jsonl}\n"
 
 

@@ -182,6 +182,12 @@ def test_finished_arms_are_reused_not_retrained(compared, recipe):
     assert result["rows"] == 4 and rows_by_name(result)["lora"]["metric"]["n"] == 4
     assert rows_by_name(result)["lora"]["peak_rss_bytes"] == before["lora"]["peak_rss_bytes"]
     assert {n: (out / n / "manifest.json").stat().st_mtime_ns for n in stamps} == stamps
+    # a changed recipe retrains, and says which keys changed
+    code, stdout, _ = call("compare", str(recipe), "--methods", "lora", "--out", str(out), "--limit", "4",
+                           "--batch-size", "4", "--set", "train.max_steps=1")
+    assert code == 0 and "lora: training" in stdout
+    assert "(replaces the run there; its recipe differs: train.max_steps 2 -> 1)" in stdout
+    assert json.loads((out / "lora" / "manifest.json").read_text())["training"]["steps"] == 1
 
 
 # ----------------------------------------------------------------------------------------------- bad input

@@ -576,3 +576,18 @@ def test_data_check_and_class_weights_errors_name_their_keys(tmp_path):
     assert "`data.check.leakage`: 'ignore' is not allowed; choose one of: stop, warn" in problems
     assert any(p.startswith("`data.class_weights`:") and "neither 'auto' nor an existing JSON file" in p
                for p in problems)
+
+
+def test_recipe_changes_name_each_differing_key_in_order():
+    """What `train --resume` and `compare` say when a run's recipe is not the one asked for."""
+    from tunesmith.recipe import recipe_changes
+
+    before = "model: {name: default}\ntrain: {epochs: 2, learning_rate: 0.001}\nmethod: {name: classify}\n"
+    after = "model: {name: default}\ntrain: {epochs: 4, learning_rate: 0.001}\nmethod: {name: classify, " \
+            "head_init: probe}\n"
+    assert recipe_changes(before, after) == "train.epochs 2 -> 4, method.head_init (new) probe"
+    assert recipe_changes(after, before) == "train.epochs 4 -> 2, method.head_init probe (gone)"
+    assert recipe_changes(before, before) == ""
+    many = "train: {a: 1, b: 1, c: 1, d: 1, e: 1, f: 1}\n"
+    assert recipe_changes(many, many.replace("1", "2"), limit=4) == \
+        "train.a 1 -> 2, train.b 1 -> 2, train.c 1 -> 2, train.d 1 -> 2, and 2 more"

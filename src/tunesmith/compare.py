@@ -33,7 +33,7 @@ from tunesmith import artifacts
 from tunesmith.artifacts import RunDir
 from tunesmith.compare_table import markdown, paired_difference, score, table_text
 from tunesmith.errors import RecipeError, TunesmithError
-from tunesmith.recipe import MethodParams, Recipe, apply_overrides, load_recipe, parse_recipe
+from tunesmith.recipe import MethodParams, Recipe, apply_overrides, load_recipe, parse_recipe, recipe_changes
 
 ZERO_SHOT = ("zero-shot", "base")
 FEWSHOT = "fewshot"
@@ -280,7 +280,12 @@ def run_arm(arm: Arm, out: Path, options: CompareOptions, against: list[str], ta
     if reuse:
         echo(f"{tag} {arm.name}: reusing the finished run in {run.root} (same recipe); evaluating")
     else:
-        stale = " (replaces the run there: its recipe differs or it did not finish)" if run.root.exists() else ""
+        stale = ""
+        if run.manifest.exists() and run.recipe.exists():
+            changed = recipe_changes(run.recipe.read_text(), arm.recipe.to_yaml())
+            stale = f" (replaces the run there; its recipe differs: {changed})"
+        elif run.root.exists():
+            stale = " (replaces the unfinished run there)"
         echo(f"{tag} {arm.name}: training {what}{stale}")
     keep = {k: previous[k] for k in ("peak_rss_bytes", "gpu_peak_bytes", "manifest_sha") if k in previous} \
         if same_run else {}

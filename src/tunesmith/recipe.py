@@ -192,6 +192,33 @@ RUN_KEYS = ("start_from", "policy", "reward_model")  # method settings that name
 _PATH_KEYS += tuple(f"method.{key}" for key in RUN_KEYS)
 
 
+def recipe_changes(before: str, after: str, limit: int = 4) -> str:
+    """The keys whose values differ between two recipe YAML texts, e.g. `train.epochs 2 -> 4, method.head_init
+    (new) random`; at most `limit`, then how many more. Empty when they say the same."""
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(node, dict):
+            return {prefix: node}
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+
+    try:
+        old, new = flat(yaml.safe_load(before) or {}), flat(yaml.safe_load(after) or {})
+    except yaml.YAMLError:
+        return "unreadable YAML"
+    missing = object()
+    changes = []
+    for key in [*old, *(k for k in new if k not in old)]:
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a != b:
+            changes.append(f"{key} (new) {b}" if a is missing else f"{key} {a} (gone)" if b is missing
+                           else f"{key} {a} -> {b}")
+    more = f", and {len(changes) - limit} more" if len(changes) > limit else ""
+    return ", ".join(changes[:limit]) + more
+
+
 def _resolve_paths(raw: dict, base: Path) -> None:
     """Make relative paths in the recipe relative to the recipe file's folder."""
     for key in _PATH_KEYS + ("model.name",):

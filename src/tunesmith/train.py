@@ -17,7 +17,7 @@ from tunesmith.data.format import Encoded, encode, end_of_turn_ids, stats
 from tunesmith.errors import RunError
 from tunesmith.methods import REGISTRY
 from tunesmith.model import load_tokenizer, pick_precision, resolve_model
-from tunesmith.recipe import Recipe
+from tunesmith.recipe import Recipe, recipe_changes
 
 
 @dataclass
@@ -120,7 +120,8 @@ def prepare_run_dir(recipe: Recipe, resume: bool) -> RunDir:
         if not run.recipe.exists():
             raise RunError(f"{run.root}: nothing to resume (no recipe.yaml)", "run without --resume to start")
         if run.recipe.read_text() != recipe.to_yaml():
-            raise RunError(f"{run.root}: the recipe differs from the one this run started with",
+            raise RunError(f"{run.root}: the recipe differs from the one this run started with: "
+                           f"{recipe_changes(run.recipe.read_text(), recipe.to_yaml())}",
                            f"resume with the same recipe and overrides (see {run.recipe})")
         return run
     if run.root.exists() and any(run.root.iterdir()):

@@ -397,7 +397,8 @@ def build_model(job, params: ClassifyParams, classes: tuple[str, ...], pooling: 
     model.config.use_cache = False
     if params.head_init == "probe" and not job.resume:
         collate = PadCollator(job.tokenizer.pad_token_id, padding_side(model.config))
-        found = probe_head(model, job.train_rows, collate, pooling, params.probe_C, job.precision, job.recipe.train.seed)
+        found = probe_head(model, job.train_rows, collate, pooling, params.probe_C, job.precision,
+                           job.recipe.train.seed)
         if probe is not None:
             probe.update(found)
     model = apply_adapter(model, params, TASK, job.precision)
