@@ -85,10 +85,12 @@ def evaluate_run(run_path: str | Path, options: EvalOptions | None = None,
     outputs: dict[str, list[Any]] = {}
     for name, spec in systems.items():
         t = time.time()
+        # a classifier run (this one, or one named in --against) answers through its own head
+        predict = None if spec.base else classifier if name == "tuned" else classifier_predict(open_run(spec.path))
         if task == "preference":
             outputs[name], per_example[name] = run_reward(spec, rows, options)
-        elif name == "tuned" and classifier is not None:
-            outputs[name], per_example[name] = run_classifier(classifier, spec, rows, options)
+        elif predict is not None:
+            outputs[name], per_example[name] = run_classifier(predict, spec, rows, options)
         else:
             outputs[name], per_example[name] = run_system(spec, systems, rows, task, options)
         echo(f"  {name}: {len(rows.rows)} rows in {time.time() - t:.1f} s")
