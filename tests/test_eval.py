@@ -151,3 +151,18 @@ def test_report_and_review_commands(chat_run, tmp_path, capsys):
     assert "no review yet" in capsys.readouterr().err
     assert main(["review", str(chat_run), "base"]) == 2
     assert "--data is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("low, high, legend", [(0.02, 0.3, "  * the interval excludes 0"),
+                                               (-0.1, 0.3, "  (every interval includes 0)")])
+def test_the_star_legend_is_printed_only_when_a_difference_is_starred(low, high, legend):
+    from tunesmith.evaluation.view import results_text
+
+    results = {"rows": 10, "data": "d.jsonl", "excluded_leaked": 0, "systems": ["tuned", "base"],
+               "task": "classification",
+               "primary_metric": "accuracy", "metrics": {"tuned": {"accuracy": 0.8}, "base": {"accuracy": 0.7}},
+               "differences": [{"metric": "accuracy", "versus": "base", "diff": 0.1, "ci_low": low,
+                                "ci_high": high}]}
+    lines = results_text(results).splitlines()
+    assert lines[lines.index("tuned minus … (paired bootstrap, 95% interval):") + 2] == legend
+    assert lines[lines.index("tuned minus … (paired bootstrap, 95% interval):") + 1].endswith("*") == (low > 0)

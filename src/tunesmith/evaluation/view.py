@@ -48,13 +48,15 @@ def results_text(results: dict[str, Any]) -> str:
     diffs = results.get("differences") or []
     if diffs:
         lines.append("tuned minus … (paired bootstrap, 95% interval):")
+        starred = False
         for d in diffs:
             if d["metric"] not in names:
                 continue
             sure = "" if d["ci_low"] <= 0 <= d["ci_high"] else "  *"
+            starred = starred or bool(sure)
             lines.append(f"  {d['metric']:<12} vs {d['versus']:<10} {fmt_diff(d['metric'], d['diff']):>10}  "
                          f"[{fmt_diff(d['metric'], d['ci_low'])}, {fmt_diff(d['metric'], d['ci_high'])}]{sure}")
-        lines.append("  * the interval excludes 0")
+        lines.append("  * the interval excludes 0" if starred else "  (every interval includes 0)")
     for other, wl in (results.get("wins_losses") or {}).items():
         lines.append(f"per example vs {other} ({results['primary_metric']}): {wl.get('wins', 0)} wins, "
                      f"{wl.get('losses', 0)} losses, {wl.get('ties', 0)} ties")
