@@ -5,8 +5,9 @@ Decoders (Llama-family) score the last non-pad token; encoders (BERT) their pool
 of its token states, not by its [CLS] pooler, so there the head reads that mean (`pooling: mean`, the `auto` choice
 when the model folder's sentence-transformers config declares mean pooling; the unused pooler is frozen). A row is
 the record's plain text (no chat template) and its label id; the loss is cross-entropy with each row multiplied by
-its label's class weight (`data.class_weights`), averaged over the rows. Read top to bottom: parameters, rows,
-pooling and loss, trainer, model, save, predict.
+its label's class weight (`data.class_weights`), averaged over the rows. The head starts random, or with
+`head_init: probe` as a logistic regression of what it reads from the frozen model (linear probing then
+fine-tuning). Read top to bottom: parameters, rows, pooling, probe and loss, trainer, model, save, predict.
 
 Any adapter of methods/adapters.py adapts the body. The run folder holds `adapter/` (peft: the head travels in
 `modules_to_save`; bottleneck adapters: with their own weights) or `model/` (freeze, full), and `labels.json`.
