@@ -459,9 +459,12 @@ def test_classify_with_every_other_adapter_trains_the_head_and_predicts_what_it_
 
     model_dir = request.getfixturevalue("tiny_llama64_dir" if adapter == "qlora" else "tiny_model_dir")
     callback, seen = recorder(tokenizer, side="left")  # left: prompt tuning's head reads the last position
-    recipe = make_recipe(tmp_path, model_dir, {"name": "classify", "adapter": adapter}, precision="fp32")
+    # the head starts as a probe here (lora and full cover a random head): it must survive each adapter's wrapping
+    recipe = make_recipe(tmp_path, model_dir, {"name": "classify", "adapter": adapter, "head_init": "probe"},
+                         precision="fp32")
     manifest = train_run(recipe, callbacks=[callback], echo=lambda s: None)
     assert manifest["saved"] == ("model" if adapter == "freeze" else "adapter")
+    assert manifest["losses"]["probe_train_accuracy"] >= 0.75
     assert_only_trainable_moved(seen)
     assert any("score" in n for n in seen["trainable"])  # the new head trains with every adapter
     assert not any("embed_tokens" in n for n in seen["trainable"])
