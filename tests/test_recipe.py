@@ -591,3 +591,10 @@ def test_recipe_changes_name_each_differing_key_in_order():
     many = "train: {a: 1, b: 1, c: 1, d: 1, e: 1, f: 1}\n"
     assert recipe_changes(many, many.replace("1", "2"), limit=4) == \
         "train.a 1 -> 2, train.b 1 -> 2, train.c 1 -> 2, train.d 1 -> 2, and 2 more"
+
+
+def test_classify_head_init_and_probe_c_reject_bad_values_by_name(tmp_path):
+    path = write_recipe(tmp_path, recipe_with(method={"name": "classify", "head_init": "prob", "probe_C": 0}))
+    assert problems_of(path) == [
+        "`method.head_init`: 'prob' is not allowed; choose one of: random, probe; did you mean 'probe'?",
+        "`method.probe_C`: 0 is out of range — it must be > 0.0"]
