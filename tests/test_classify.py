@@ -566,6 +566,76 @@ def test_features_run_reports_accuracy_and_predicts(tmp_path, tiny_model_dir, to
     assert np.allclose([[p["neg"], p["pos"]] for p in probs], clf.scores(x), atol=1e-9)
 
 
+TEMPLATE = "Review: {text}\nSentiment:"
+
+
+def test_a_template_puts_the_text_in_its_slot_and_a_long_text_loses_its_end_not_the_template(tokenizer):
+    from tunesmith.errors import DataError
+    from tunesmith.methods.classify import tokenize_text
+
+    ids, full = tokenize_text(tokenizer, "a fine film", 64, TEMPLATE)
+    assert ids == tokenizer("Review: a fine film\nSentiment:")["input_ids"] and full == len(ids)
+    words = WORDS * 4  # 40 words, one token each
+    long = " ".join(words)
+    raw, raw_full = tokenize_text(tokenizer, long, 16)
+    assert tokenizer.decode(raw) == " ".join(words[:16])  # no template: the end of the text goes
+    ids, full = tokenize_text(tokenizer, long, 16, TEMPLATE)
+    around = len(tokenizer(TEMPLATE.replace("{text}", "apple"))["input_ids"]) - 1  # the template's own tokens
+    assert full == raw_full + around and around == 6
+    assert len(ids) == 16 and tokenizer.decode(ids) == f"Review: {' '.join(words[:16 - around])}\nSentiment:"
+    with pytest.raises(DataError, match=r"method.template alone is \d+ tokens, more than train.max_seq_len=3"):
+        tokenize_text(tokenizer, "fine", 3, TEMPLATE)
+
+
+@pytest.mark.parametrize("template", ["Review: {text} {text}", "no slot"])
+def test_a_template_without_exactly_one_slot_is_named_in_the_recipe_check(tmp_path, tiny_model_dir, template):
+    from tunesmith.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"method.template.*needs \{text\} exactly once"):
+        make_recipe(tmp_path, tiny_model_dir, {"name": "classify", "template": template})
+
+
+@pytest.mark.parametrize("method", [{"name": "classify", "adapter": "lora"},
+                                    {"name": "features", "pooling": "last"}])
+def test_classify_and_features_read_each_text_through_the_template_in_training_and_predict(
+        tmp_path, tiny_model_dir, tokenizer, method):
+    from tunesmith.methods.classify import load_classifier, tokenize_text
+    from tunesmith.methods.features import embed, load_features_run
+    from tunesmith.methods import REGISTRY
+
+    recipe = make_recipe(tmp_path, tiny_model_dir, {**method, "template": TEMPLATE}, precision="fp32")
+    train_run(recipe, echo=lambda s: None)
+    run = tmp_path / "run"
+    assert json.loads((run / "labels.json").read_text())["template"] == TEMPLATE
+    templated = [tokenize_text(tokenizer, t, 64, TEMPLATE)[0] for t in PROBES]
+    if method["name"] == "classify":
+        loaded = load_classifier(run)
+        assert loaded.template == TEMPLATE
+        expected = loaded.logits(loaded.collate([{"input_ids": ids} for ids in templated])).softmax(-1).numpy()
+        plain = loaded.logits(loaded.collate([{"input_ids": tokenize_text(tokenizer, t, 64)[0]}
+                                              for t in PROBES])).softmax(-1).numpy()
+    else:
+        model, _, clf, meta, _ = load_features_run(run)
+        assert meta["template"] == TEMPLATE
+        expected = clf.scores(embed(model, templated, tokenizer.pad_token_id, "last"))
+        plain = clf.scores(embed(model, [tokenize_text(tokenizer, t, 64)[0] for t in PROBES],
+                                 tokenizer.pad_token_id, "last"))
+    probs = REGISTRY[method["name"]].predict(run, PROBES)
+    got = np.array([[p["neg"], p["pos"]] for p in probs])
+    assert np.allclose(got, expected, atol=1e-6) and not np.allclose(got, plain, atol=1e-4)
+    # the training rows were read the same way: what `encode` made of the first training text
+    rows = REGISTRY[method["name"]].encode(recipe_data(recipe), tokenizer, recipe)
+    first = rows.train[0]
+    assert tokenizer.decode(first.input_ids).startswith("Review: the ")
+    assert tokenizer.decode(first.input_ids).endswith("\nSentiment:")
+
+
+def recipe_data(recipe):
+    from tunesmith.data import prepare_data
+
+    return prepare_data(recipe.data, recipe.train.seed, ("classification",))
+
+
 # ----------------------------------------------------------------------------------------------- minilm
 
 

@@ -29,18 +29,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tunesmith.data.format import Encoded
 from tunesmith.errors import DataError
 from tunesmith.methods.adapters import AdapterParamsMixin
 from tunesmith.methods.base import Method, TrainOutcome, padded_batches
-from tunesmith.recipe import MethodParams
+from tunesmith.recipe import MethodParams, Strict
 
 TASK = "seq-cls"
+SLOT = "{text}"
 
 
-class ClassifyParams(AdapterParamsMixin, MethodParams):
+class TextTemplateMixin(Strict):
+    """How a row's text is put to the model, shared by the methods that read a label from it (classify, features)."""
+
+    # a prompt around each text, `{text}` marking where it goes, e.g. "Review: {text}\nSentiment:" — a decoder's
+    # last token then stands where the answer would begin, which is what the head reads; null = the text alone
+    template: str | None = None
+
+    @field_validator("template")
+    @classmethod
+    def _template_has_the_slot(cls, value: str | None) -> str | None:
+        if value is not None and value.count(SLOT) != 1:
+            raise ValueError(f"the template needs {SLOT} exactly once, where the row's text goes, "
+                             f"e.g. 'Review: {SLOT}\\nSentiment:'")
+        return value
+
+
+class ClassifyParams(TextTemplateMixin, AdapterParamsMixin, MethodParams):
     """Any adapter of methods/adapters.py adapts the body; the new head is always trained in full."""
 
     name: Literal["classify"] = "classify"
@@ -77,12 +94,27 @@ class LabelledRows:
     rejects: list[dict[str, Any]]
 
 
-def tokenize_text(tokenizer, text: str, max_len: int) -> tuple[list[int], int]:
-    """The text's ids with the tokenizer's own special tokens ([CLS]/[SEP], BOS), cut to `max_len`; full length."""
-    ids = tokenizer(text)["input_ids"]
-    if len(ids) <= max_len:
-        return list(ids), len(ids)
-    return list(tokenizer(text, truncation=True, max_length=max_len)["input_ids"]), len(ids)
+def tokenize_text(tokenizer, text: str, max_len: int, template: str | None = None) -> tuple[list[int], int]:
+    """The text's ids with the tokenizer's own special tokens ([CLS]/[SEP], BOS), cut to `max_len`; full length.
+
+    With a `template` the text goes in its `{text}` slot, and a row that is too long loses the end of its text, not
+    of the template: the words after the text are the ones a decoder's head reads."""
+    if template is None:
+        ids = tokenizer(text)["input_ids"]
+        if len(ids) <= max_len:
+            return list(ids), len(ids)
+        return list(tokenizer(text, truncation=True, max_length=max_len)["input_ids"]), len(ids)
+    ids = tokenizer(template.replace(SLOT, text))["input_ids"]
+    full = len(ids)
+    words = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = len(words)
+    while len(ids) > max_len and keep > 0:  # re-tokenizing the joined string can shift a token or two: repeat
+        keep = max(0, keep - (len(ids) - max_len))
+        ids = tokenizer(template.replace(SLOT, tokenizer.decode(words[:keep])))["input_ids"]
+    if len(ids) > max_len:
+        raise DataError(f"method.template alone is {len(ids)} tokens, more than train.max_seq_len={max_len}",
+                        "shorten the template or raise train.max_seq_len")
+    return list(ids), full
 
 
 def encode_labelled(data, tokenizer, recipe) -> LabelledRows:
@@ -103,7 +135,8 @@ def encode_labelled(data, tokenizer, recipe) -> LabelledRows:
     out = LabelledRows([], [], [])
     for records, target in ((data.train, out.train), (data.validation, out.validation)):
         for record in records:
-            ids, full = tokenize_text(tokenizer, record.data["text"], recipe.train.max_seq_len)
+            ids, full = tokenize_text(tokenizer, record.data["text"], recipe.train.max_seq_len,
+                                      recipe.method.template)
             if not ids:
                 out.rejects.append({"file": record.source, "line": record.line, "reason": "the text has no tokens",
                                     "row": record.data})
@@ -416,20 +449,22 @@ def save(job, model, params: ClassifyParams, classes: tuple[str, ...], side: str
     from tunesmith.methods.adapters import save_adapter
 
     saved = save_adapter(model, params, job.run, job.tokenizer)
-    write_labels(job.run.root, classes, job.tokenizer.pad_token_id, saved, padding_side=side, pooling=pooling)
+    write_labels(job.run.root, classes, job.tokenizer.pad_token_id, saved, padding_side=side, pooling=pooling,
+                 template=params.template)
     return saved
 
 
 def write_labels(root: Path, classes: tuple[str, ...], pad_token_id: int | None, saved: str, task: str = TASK,
-                 padding_side: str = "right", pooling: str = "model") -> None:
-    """`labels.json`: the label of each head output (id ↔ label) and what a plain reload needs."""
+                 padding_side: str = "right", pooling: str = "model", template: str | None = None) -> None:
+    """`labels.json`: the label of each head output (id ↔ label) and what a plain reload needs (`template`: the
+    prompt each text is put in before tokenizing, `{text}` marking its place; null = the text alone)."""
     from tunesmith.artifacts import write_json
 
     write_json(root / "labels.json", {
         "labels": list(classes), "id2label": {str(i): label for i, label in enumerate(classes)},
         "label2id": {label: i for i, label in enumerate(classes)}, "num_labels": len(classes),
         "pad_token_id": pad_token_id, "padding_side": padding_side, "pooling": pooling, "task": task,
-        "saved": saved})
+        "template": template, "saved": saved})
 
 
 # ----------------------------------------------------------------------------------------------- predict
@@ -446,6 +481,7 @@ class LoadedClassifier:
     precision: str
     collate: PadCollator
     pooling: str = "model"
+    template: str | None = None
 
     def logits(self, batch: dict[str, Any]):
         """(batch, labels) fp32 logits, without gradients, in the run's precision."""
@@ -490,7 +526,7 @@ def load_classifier(run_dir: str | Path, precision: str | None = None) -> Loaded
         model.to("cuda")
     collate = PadCollator(meta["pad_token_id"], meta.get("padding_side", "right"))
     loaded = LoadedClassifier(model, tokenizer, meta["labels"], recipe["train"]["max_seq_len"], precision, collate,
-                              meta.get("pooling", "model"))
+                              meta.get("pooling", "model"), meta.get("template"))
     _CACHE[key] = loaded
     return loaded
 
@@ -502,7 +538,7 @@ def predict(run_dir: str | Path, texts: list[str], batch_size: int = 16, precisi
     from tqdm.auto import tqdm
 
     loaded = load_classifier(run_dir, precision)
-    encoded = [tokenize_text(loaded.tokenizer, t, loaded.max_len)[0] for t in texts]
+    encoded = [tokenize_text(loaded.tokenizer, t, loaded.max_len, loaded.template)[0] for t in texts]
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
     out: list[dict[str, float]] = [{} for _ in texts]
     bar = tqdm(total=len(texts), desc="classifying", unit="row", leave=False, disable=progress is not None)

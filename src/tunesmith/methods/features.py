@@ -21,10 +21,11 @@ from typing import Any, Callable, Literal
 from pydantic import Field
 
 from tunesmith.methods.base import Method, TrainOutcome
+from tunesmith.methods.classify import TextTemplateMixin, encode_labelled  # the same rows as classify
 from tunesmith.recipe import MethodParams
 
 
-class FeaturesParams(MethodParams):
+class FeaturesParams(TextTemplateMixin, MethodParams):
     name: Literal["features"] = "features"
     pooling: Literal["mean", "last"] = "mean"  # mean over non-pad tokens, or the last non-pad token (decoders)
     classifier: Literal["logistic", "linear_svm"] = "logistic"
@@ -225,10 +226,10 @@ def train(job) -> TrainOutcome:
     on_train, on_val = evaluate(clf, x_train, y_train), evaluate(clf, x_val, y_val)
     folder = job.run.root / "classifier"
     save_classifier(folder, clf, {
-        "pooling": params.pooling, "precision": job.precision, "standardize": params.standardize, "C": params.C,
+        "pooling": params.pooling, "template": params.template, "precision": job.precision, "standardize": params.standardize, "C": params.C,
         "labels": list(classes), "dims": int(x_train.shape[1]), "train_rows": len(y_train),
         "train_accuracy": on_train["accuracy"], "validation_accuracy": on_val["accuracy"]})
-    write_labels(job.run.root, classes, pad, "classifier", task="features")
+    write_labels(job.run.root, classes, pad, "classifier", task="features", template=params.template)
     with open(job.run.metrics, "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"step": 0, "epoch": 1.0, "train_accuracy": on_train["accuracy"],
                              "train_loss": on_train["loss"], "eval_accuracy": on_val["accuracy"],
@@ -273,7 +274,7 @@ def predict(run_dir: str | Path, texts: list[str], batch_size: int = 16, precisi
     from tunesmith.methods.classify import tokenize_text
 
     model, tokenizer, clf, meta, max_len = load_features_run(run_dir, precision)
-    rows = [tokenize_text(tokenizer, t, max_len)[0] for t in texts]
+    rows = [tokenize_text(tokenizer, t, max_len, meta.get("template"))[0] for t in texts]
     x = embed(model, rows, tokenizer.pad_token_id, meta["pooling"], batch_size, "embedding", progress)
     scores = clf.scores(x)
     labels = meta["labels"]
@@ -284,8 +285,6 @@ def predict(run_dir: str | Path, texts: list[str], batch_size: int = 16, precisi
         out.append(item)
     return out
 
-
-from tunesmith.methods.classify import encode_labelled  # noqa: E402 - the same row encoding as classify
 
 METHOD = Method(
     name="features",
