@@ -15,6 +15,7 @@ import pytest
 from conftest import write_jsonl
 from test_check import CLEAN, LABELS
 from tunesmith.cli import main
+from tunesmith.methods.classify import ClassifyParams
 from tunesmith.compare import Arm, CompareOptions, arm_method_section, parse_arms, run_arm
 from tunesmith.compare_table import bootstrap_interval, paired_difference, score
 from tunesmith.methods.sft import SFTParams
@@ -234,6 +235,16 @@ def test_arms_keep_the_recipes_settings_where_they_apply():
     assert arm_method_section(params, "classify", "lora") == {"name": "classify", "adapter": "lora",
                                                               "lora": {"r": 8, "alpha": 16.0}}
     assert arm_method_section(params, "features", None) == {"name": "features"}
+    # a prompt around the text travels between the methods that read labels from text, not to few-shot prompting
+    template = "Review: {text}\nSentiment:"
+    classify = ClassifyParams(template=template, pooling="model")
+    # features reads mean or last, not classify's `model` pooling: that key keeps the features default
+    assert arm_method_section(classify, "features", None) == {"name": "features", "template": template}
+    assert arm_method_section(classify.model_copy(update={"pooling": "mean"}), "features", None) == {
+        "name": "features", "template": template, "pooling": "mean"}
+    assert arm_method_section(classify, "classify", "dora") == {"name": "classify", "adapter": "dora",
+                                                                "template": template, "pooling": "model"}
+    assert arm_method_section(classify, "fewshot", None) == {"name": "fewshot"}
     arms = parse_arms("lora, classify:prompt ,features,base", params)
     assert [(a.name, a.folder, a.method, a.adapter, a.baseline) for a in arms] == [
         ("lora", "lora", "sft", "lora", None), ("classify:prompt", "classify-prompt", "classify", "prompt", None),

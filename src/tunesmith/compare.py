@@ -161,16 +161,26 @@ def _refuse_output_keys(items: list[str], flag: str) -> None:
 def arm_method_section(params: MethodParams, method: str, adapter: str | None) -> dict[str, Any]:
     """The arm's `method` section: the recipe's own settings where they apply to the arm, defaults elsewhere.
 
-    Switching method keeps the keys the new method also has (e.g. `train_on` is dropped for classify). An adapter's
-    section is kept for that adapter; lora, qlora and dora share the LoRA keys (r, alpha, dropout, target_modules),
-    so they compare at the same rank. Any other adapter starts from its own defaults.
+    Switching method keeps the keys the new method also has, with values it accepts (e.g. `train_on` is dropped for
+    classify, and classify's `pooling: model` for features, whose pooling is mean or last). An adapter's section is
+    kept for that adapter; lora, qlora and dora share the LoRA keys (r, alpha, dropout, target_modules), so they
+    compare at the same rank. Any other adapter starts from its own defaults.
     """
+    from pydantic import ValidationError
+
     from tunesmith.methods import REGISTRY
     from tunesmith.methods.adapters import ADAPTERS, SECTIONS, LoraParams
 
+    def accepted(key: str, value: Any) -> bool:
+        try:
+            REGISTRY[method].params.model_validate({"name": method, key: value})
+        except ValidationError:
+            return False
+        return True
+
     given = params.model_dump(mode="json", exclude_defaults=True)
     target = REGISTRY[method].params.model_fields
-    section = {k: v for k, v in given.items() if k in target and k not in SECTIONS}
+    section = {k: v for k, v in given.items() if k in target and k not in SECTIONS and accepted(k, v)}
     section["name"] = method
     if adapter is None:
         return section
