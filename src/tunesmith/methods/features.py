@@ -21,7 +21,7 @@ from typing import Any, Callable, Literal
 from pydantic import Field
 
 from tunesmith.methods.base import Method, TrainOutcome
-from tunesmith.methods.classify import TextTemplateMixin, encode_labelled  # the same rows as classify
+from tunesmith.methods.classify import TextTemplateMixin, encode_labelled, tokenize_text  # the same rows
 from tunesmith.recipe import MethodParams
 
 
@@ -226,7 +226,8 @@ def train(job) -> TrainOutcome:
     on_train, on_val = evaluate(clf, x_train, y_train), evaluate(clf, x_val, y_val)
     folder = job.run.root / "classifier"
     save_classifier(folder, clf, {
-        "pooling": params.pooling, "template": params.template, "precision": job.precision, "standardize": params.standardize, "C": params.C,
+        "pooling": params.pooling, "template": params.template, "precision": job.precision,
+        "standardize": params.standardize, "C": params.C,
         "labels": list(classes), "dims": int(x_train.shape[1]), "train_rows": len(y_train),
         "train_accuracy": on_train["accuracy"], "validation_accuracy": on_val["accuracy"]})
     write_labels(job.run.root, classes, pad, "classifier", task="features", template=params.template)
@@ -271,8 +272,6 @@ def load_features_run(run_dir: str | Path, precision: str | None = None):
 def predict(run_dir: str | Path, texts: list[str], batch_size: int = 16, precision: str | None = None,
             progress: Callable[[int], None] | None = None) -> list[dict[str, float]]:
     """`{label: score}` for each text, in order; labels the classifier never saw in training score 0."""
-    from tunesmith.methods.classify import tokenize_text
-
     model, tokenizer, clf, meta, max_len = load_features_run(run_dir, precision)
     rows = [tokenize_text(tokenizer, t, max_len, meta.get("template"))[0] for t in texts]
     x = embed(model, rows, tokenizer.pad_token_id, meta["pooling"], batch_size, "embedding", progress)
