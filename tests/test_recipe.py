@@ -175,6 +175,26 @@ def test_early_stopping_needs_validation_data(tmp_path):
                                  "or a `data.validation_fraction` above 0"]
 
 
+def test_keep_best_needs_evaluations_and_a_metric_the_method_measures(tmp_path):
+    path = write_recipe(tmp_path, recipe_with(train={"keep_best": True}))
+    assert problems_of(path) == [
+        "`train.keep_best`: needs `train.eval_every` (how often to measure validation loss)"]
+    sft = recipe_with(train={"keep_best": True, "eval_every": 10, "best_metric": "accuracy"})
+    assert problems_of(write_recipe(tmp_path, sft)) == [
+        "`train.best_metric`: `method: sft` measures no validation accuracy (it measures loss); "
+        "set train.best_metric=loss"]
+    stopping = recipe_with(train={"early_stopping_patience": 2, "eval_every": 10, "best_metric": "accuracy"})
+    assert problems_of(write_recipe(tmp_path, stopping))[0].startswith("`train.best_metric`: `method: sft`")
+    features = {"data": {"train": "train.jsonl", "format": "classification"}, "method": {"name": "features"},
+                "train": {"keep_best": True, "eval_every": 10}}
+    assert problems_of(write_recipe(tmp_path, features)) == [
+        "`train.keep_best`: `method: features` has no validation evaluations to choose among; "
+        "set train.keep_best=false"]
+    classify = {"data": {"train": "train.jsonl", "format": "classification"}, "method": {"name": "classify"},
+                "train": {"keep_best": True, "eval_every": 10, "best_metric": "accuracy"}}
+    assert load_recipe(write_recipe(tmp_path, classify)).train.best_metric == "accuracy"
+
+
 def test_classifier_needs_two_distinct_labels(tmp_path):
     path = write_recipe(tmp_path, {"data": {"train": "train.jsonl", "format": "classification",
                                             "labels": ["yes", "yes"]}})
@@ -535,7 +555,7 @@ def test_starter_recipe_shows_the_schema_defaults(tmp_path):
             else:
                 assert value == default, f"{section}.{key}"
             checked += 1
-    assert checked == 28
+    assert checked == 30
     assert starter["model"] == {"name": ModelSection().name}
     assert SFTParams.model_validate(starter["method"]) == SFTParams()
 

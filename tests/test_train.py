@@ -186,6 +186,67 @@ def test_early_stopping_stops_after_patience(tmp_path, tiny_model_dir, chat_rows
     assert manifest["training"]["stopped_early"] is True and manifest["training"]["steps"] == 2
 
 
+def wreck_after(step: int, seen: dict):
+    """A callback that adds large noise to the trainable weights at the end of `step` (later evaluations get worse)
+    and records, at each evaluation during training, the validation loss and the trainable weights."""
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step == step:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.add_(torch.randn_like(p) * 3)
+
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kw):
+        if state.global_step and "eval_loss" in (metrics or {}) and state.global_step not in seen:
+            seen[state.global_step] = (metrics["eval_loss"], {n: p.detach().clone() for n, p in
+                                                              model.named_parameters() if p.requires_grad})
+
+    return callback(on_step_end=on_step_end, on_evaluate=on_evaluate)
+
+
+def saved_full_model(run):
+    from transformers import AutoModelForCausalLM
+
+    return dict(AutoModelForCausalLM.from_pretrained(run / "model").named_parameters())
+
+
+def test_keep_best_saves_the_weights_of_the_best_evaluation_not_the_last(tmp_path, tiny_model_dir, chat_rows):
+    seen = {}
+    recipe = make_recipe(tmp_path, tiny_model_dir, chat_rows, method={"adapter": "full"}, max_steps=6, eval_every=1,
+                         keep_best=True)
+    manifest = train_run(recipe, callbacks=[wreck_after(3, seen)], echo=lambda s: None)
+    assert sorted(seen) == [1, 2, 3, 4, 5, 6]
+    best = min(seen, key=lambda step: seen[step][0])
+    assert best <= 3 and seen[best][0] < min(seen[s][0] for s in (4, 5, 6)) - 1.0
+    assert manifest["training"]["steps"] == 6
+    assert manifest["training"]["kept"] == {"step": best, "metric": "loss", "value": pytest.approx(seen[best][0])}
+    assert manifest["losses"]["validation_after"] == pytest.approx(seen[best][0], abs=1e-5)
+    saved = saved_full_model(tmp_path / "run")
+    assert all(torch.equal(saved[n], w) for n, w in seen[best][1].items())
+    assert not torch.equal(saved["model.norm.weight"], seen[6][1]["model.norm.weight"])
+
+
+def test_keep_best_survives_a_resume(tmp_path, tiny_model_dir, chat_rows):
+    """The best weights (step ≤ 3) are on disk when the run dies at step 5; the resumed run still saves them."""
+    seen = {}
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 5:  # checkpoint-4 exists
+            raise KeyboardInterrupt
+
+    recipe = make_recipe(tmp_path, tiny_model_dir, chat_rows, method={"adapter": "full"}, max_steps=6, eval_every=1,
+                         keep_best=True, save_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(recipe, callbacks=[wreck_after(3, seen), callback(on_step_end=on_step_end)], echo=lambda s: None)
+    best = min(seen, key=lambda step: seen[step][0])
+    assert best <= 3
+    manifest = train_run(recipe, resume=True, echo=lambda s: None)
+    assert manifest["training"]["resumed"] is True and manifest["training"]["kept"]["step"] == best
+    saved = saved_full_model(tmp_path / "run")
+    assert all(torch.equal(saved[n], w) for n, w in seen[best][1].items())
+
+
 def test_bad_rows_are_rejected_and_the_limit_stops_the_run(tmp_path, tiny_model_dir, chat_rows):
     rows = chat_rows + ['{"messages": [', {"messages": [{"role": "robot", "content": "x"}]}]
     recipe = make_recipe(tmp_path, tiny_model_dir, rows, data={"max_reject_fraction": 0.1})

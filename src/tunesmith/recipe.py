@@ -92,6 +92,8 @@ class TrainSection(Strict):
     seed: int = 42
     eval_every: int | None = Field(None, gt=0)  # steps between validation-loss evaluations
     early_stopping_patience: int | None = Field(None, gt=0)  # evaluations without improvement before stopping
+    keep_best: bool = False  # save the weights of the evaluation with the best `best_metric`, not the last ones
+    best_metric: Literal["loss", "accuracy"] = "loss"  # what keep_best and early stopping watch (accuracy: classifiers)
     save_every: int | None = Field(None, gt=0)  # steps between checkpoints
     save_total_limit: int = Field(2, gt=0)  # checkpoints kept
     log_every: int = Field(10, gt=0)  # steps between metrics.jsonl / TensorBoard lines
@@ -302,12 +304,13 @@ def _cross_checks(s: dict[str, Any]) -> list[str]:
     train, data = s.get("train"), s.get("data")
     if train and train.warmup_ratio is not None and train.warmup_steps is not None:
         out.append("`train.warmup_steps` and `train.warmup_ratio`: can't set both; choose one")
-    if train and train.early_stopping_patience is not None:
-        if train.eval_every is None:
-            out.append("`train.early_stopping_patience`: needs `train.eval_every` (how often to measure validation loss)")
-        if data and data.validation is None and data.validation_fraction == 0:
-            out.append("`train.early_stopping_patience`: needs validation data; give `data.validation` "
-                       "or a `data.validation_fraction` above 0")
+    for key in ("early_stopping_patience", "keep_best"):
+        if train and getattr(train, key):
+            if train.eval_every is None:
+                out.append(f"`train.{key}`: needs `train.eval_every` (how often to measure validation loss)")
+            if data and data.validation is None and data.validation_fraction == 0:
+                out.append(f"`train.{key}`: needs validation data; give `data.validation` "
+                           "or a `data.validation_fraction` above 0")
     if data and data.format == "classification" and data.labels is not None and len(set(data.labels)) < 2:
         out.append(f"`data.labels`: {data.labels!r} — a classifier needs at least two distinct labels")
     method = s.get("method")
@@ -324,6 +327,13 @@ def _cross_checks(s: dict[str, Any]) -> list[str]:
 
         if getattr(method, "adapter", None):
             out.extend(adapter_problems(method, train))
+        watched = REGISTRY[method.name].metrics
+        if train.keep_best and not watched:
+            out.append(f"`train.keep_best`: `method: {method.name}` has no validation evaluations to choose among; "
+                       "set train.keep_best=false")
+        elif watched and (train.keep_best or train.early_stopping_patience) and train.best_metric not in watched:
+            out.append(f"`train.best_metric`: `method: {method.name}` measures no validation {train.best_metric} "
+                       f"(it measures {', '.join(watched)}); set train.best_metric=loss")
         check = REGISTRY[method.name].check
         if check is not None:
             out.extend(check(method, train, data))
@@ -483,6 +493,8 @@ train:
   seed: 42
   eval_every: null       # steps between validation-loss measurements
   early_stopping_patience: null
+  keep_best: false       # true: save the weights of the best evaluation (needs eval_every), not the last
+  best_metric: loss      # loss | accuracy (classify, reward): what keep_best and early stopping watch
   save_every: null       # steps between checkpoints (resume with `tunesmith train RECIPE --resume`)
   save_total_limit: 2
   log_every: 10

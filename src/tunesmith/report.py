@@ -23,6 +23,7 @@ from tunesmith.data.check_view import CSS as CHECK_CSS
 from tunesmith.data.check_view import MARK, _e, _table
 from tunesmith.errors import RunError
 from tunesmith.evaluation.view import PERCENT, fmt, fmt_diff
+from tunesmith.train import kept_text
 
 COLORS = ("#4a78c2", "#d9822b", "#3a9a5b", "#8e5bb5", "#c2474a", "#6b6b6b")
 LOWER_IS_BETTER = {"perplexity", "nll_per_token", "loss", "nll"}
@@ -81,6 +82,7 @@ def _header(run: RunDir, manifest: dict[str, Any], recipe: dict[str, Any] | None
         ("finished", finished + (f" (run took {_duration(timings['total_seconds'])})"
                                  if "total_seconds" in timings else "")),
         ("steps", _steps(training)),
+        ("kept", kept_text(training["kept"]) if training.get("kept") else None),
         ("train time", _duration(timings["train_seconds"]) if "train_seconds" in timings else None),
         ("trained tokens/s", f"{training['trained_tokens_per_second']:,.1f}"
          if training.get("trained_tokens_per_second") is not None else None),

@@ -82,7 +82,9 @@ def train_run(recipe: Recipe, resume: bool = False, callbacks: list | None = Non
         "training": {"steps": outcome.steps, "trained_tokens": outcome.trained_tokens,
                      "trained_tokens_per_second": round(outcome.trained_tokens / max(outcome.seconds, 1e-9), 2),
                      "trainable_params": outcome.trainable_params, "total_params": outcome.total_params,
-                     "stopped_early": outcome.stopped_early, "resumed": resume},
+                     "stopped_early": outcome.stopped_early, "resumed": resume,
+                     "kept": None if outcome.kept_step is None else {
+                         "step": outcome.kept_step, "metric": outcome.kept_metric, "value": outcome.kept_value}},
         "losses": outcome.losses,
         "timings": {**timings, "total_seconds": round(time.time() - started, 2)},
         "versions": artifacts.versions(),
@@ -196,6 +198,11 @@ def data_summary(counts: dict[str, Any], formatting_rejects: int, train_stats: d
     return "\n".join(lines)
 
 
+def kept_text(kept: dict[str, Any]) -> str:
+    """What `train.keep_best` saved, in words."""
+    return f"the weights of step {kept['step']} (best validation {kept['metric']}, {kept['value']:.4f}), not the last"
+
+
 def train_summary(manifest: dict[str, Any], run: RunDir) -> str:
     """The table printed when training ends."""
     tr, losses = manifest["training"], manifest["losses"]
@@ -207,6 +214,7 @@ def train_summary(manifest: dict[str, Any], run: RunDir) -> str:
         ("run folder", str(run.root)),
         ("saved", f"{manifest['saved']}/"),
         ("steps", str(tr["steps"]) + (" (stopped early)" if tr["stopped_early"] else "")),
+        *([("kept", kept_text(tr["kept"]))] if tr.get("kept") else []),
         ("train time", f"{manifest['timings']['train_seconds']:.1f} s"),
         ("trained tokens/s", f"{tr['trained_tokens_per_second']:.1f}"),
         ("trainable params", f"{tr['trainable_params']:,} of {tr['total_params']:,}"),

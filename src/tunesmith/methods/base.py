@@ -29,6 +29,7 @@ class Method:
     encode: Callable[..., Any] | None = None  # rows -> model inputs, when not the chat-formatted causal-LM rows
     prompting: Callable[..., Any] | None = None  # runs that prompt the base model instead of training: run dir -> shots
     check: Callable[..., list[str]] | None = None  # (method, train, data sections) -> what the recipe alone gets wrong
+    metrics: tuple[str, ...] = ("loss",)  # validation metrics its training measures (keep_best, early stopping)
 
 
 @dataclass
@@ -43,6 +44,9 @@ class TrainOutcome:
     trainable_params: int = 0
     total_params: int = 0
     stopped_early: bool = False
+    kept_step: int | None = None  # keep_best: the step whose weights were saved, when not the last
+    kept_metric: str | None = None  # ... chosen by this validation metric
+    kept_value: float | None = None  # ... whose value there was this
 
 
 def refuses(setting: str, why: str) -> Callable[..., list[str]]:

@@ -388,13 +388,11 @@ def head_trainer(job, trainer_class, model, collator, compute_metrics, label_nam
     """The Trainer a head-training method (classify, reward) runs, and the log of its validation accuracy."""
     from transformers import TrainingArguments
 
-    from tunesmith.methods.common import EarlyStopping, MetricsCallback, to_dataset, trainer_arguments
+    from tunesmith.methods.common import MetricsCallback, to_dataset, trainer_arguments, watch_callbacks
 
     args = TrainingArguments(**{**trainer_arguments(job), "prediction_loss_only": False, "label_names": label_names})
     log = AccuracyLog()
-    callbacks = [MetricsCallback(job.run.metrics), log, *job.callbacks]
-    if job.recipe.train.early_stopping_patience:
-        callbacks.append(EarlyStopping(job.recipe.train.early_stopping_patience))
+    callbacks = [MetricsCallback(job.run.metrics), log, *job.callbacks, *watch_callbacks(job)]
     trainer = trainer_class(
         model=model, args=args, train_dataset=to_dataset(job.train_rows),
         eval_dataset=to_dataset(job.validation_rows) if job.validation_rows else None,
@@ -563,4 +561,5 @@ METHOD = Method(
     predict=predict,
     encode=encode_labelled,
     check=padded_batches("each row is classified on its own, so batches are padded"),
+    metrics=("loss", "accuracy"),
 )

@@ -1,4 +1,5 @@
-"""Training machinery every method shares: the job, trainer arguments, metrics, early stopping, the loop."""
+"""Training machinery every method shares: the job, trainer arguments, metrics, early stopping, keep-best,
+the loop."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tunesmith.artifacts import RunDir, truncate_metrics
@@ -129,10 +131,32 @@ class MetricsCallback:
         return _Metrics()
 
 
-class EarlyStopping:
-    """Stops training after `patience` evaluations without a lower validation loss."""
+def watch_callbacks(job: Job) -> list:
+    """The callbacks that watch validation: early stopping and keep-best, as the recipe's `train` asks."""
+    t = job.recipe.train
+    out = []
+    if t.early_stopping_patience:
+        out.append(EarlyStopping(t.early_stopping_patience, t.best_metric))
+    if t.keep_best:
+        resume_step = None
+        if job.resume and job.run.last_checkpoint() is not None:
+            resume_step = int(job.run.last_checkpoint().name.split("-")[-1])
+        store = job.run.checkpoints / "best" if t.save_every else None  # a resumable run keeps it on disk too
+        out.append(KeepBest(t.best_metric, store, resume_step))
+    return out
 
-    def __new__(cls, patience: int):
+
+def _better(metric: str, value: float, best: float | None) -> bool:
+    """Whether `value` of validation `metric` beats `best` (loss: lower; accuracy: higher); ties keep the first."""
+    if best is None:
+        return True
+    return value > best + 1e-9 if metric != "loss" else value < best - 1e-9
+
+
+class EarlyStopping:
+    """Stops training after `patience` evaluations without a better validation `metric` (loss or accuracy)."""
+
+    def __new__(cls, patience: int, metric: str = "loss"):
         from transformers import TrainerCallback
 
         class _EarlyStopping(TrainerCallback):
@@ -140,11 +164,11 @@ class EarlyStopping:
             bad = 0
 
             def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-                loss = (metrics or {}).get("eval_loss")
-                if loss is None:
+                value = (metrics or {}).get(f"eval_{metric}")
+                if value is None:
                     return
-                if self.best is None or loss < self.best - 1e-6:
-                    self.best, self.bad = loss, 0
+                if _better(metric, value, self.best):
+                    self.best, self.bad = value, 0
                 else:
                     self.bad += 1
                     if self.bad >= patience:
@@ -152,6 +176,49 @@ class EarlyStopping:
                         state.stopped_early = True
 
         return _EarlyStopping()
+
+
+class KeepBest:
+    """Remembers the trainable weights of the evaluation with the best validation `metric` during training (the
+    measurement before training is not a candidate; the last weights are, once run_trainer has evaluated them);
+    `restore(model)` puts them back. With `store` (a run that writes checkpoints) the best weights are also written
+    there, so a resumed run still knows them — unless they came after the checkpoint it resumes from."""
+
+    def __new__(cls, metric: str, store: Path | None = None, resume_step: int | None = None):
+        import torch
+        from safetensors.torch import load_file, save_file
+        from transformers import TrainerCallback
+
+        class _KeepBest(TrainerCallback):
+            def __init__(self):
+                self.metric, self.best, self.step, self.weights = metric, None, None, None
+                info = store / "best.json" if store else None
+                if resume_step is not None and info is not None and info.exists():
+                    found = json.loads(info.read_text())
+                    if found["step"] <= resume_step:
+                        self.best, self.step = found["value"], found["step"]
+                        self.weights = load_file(str(store / "weights.safetensors"))
+
+            def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+                value = (metrics or {}).get(f"eval_{metric}")
+                if value is None or model is None or state.global_step == 0 or not _better(metric, value, self.best):
+                    return
+                self.best, self.step = value, state.global_step
+                self.weights = {name: p.detach().to("cpu", copy=True).contiguous()
+                                for name, p in model.named_parameters() if p.requires_grad}
+                if store is not None and state.is_world_process_zero:
+                    store.mkdir(parents=True, exist_ok=True)
+                    save_file(self.weights, str(store / "weights.safetensors"))
+                    (store / "best.json").write_text(json.dumps({"step": self.step, "metric": metric,
+                                                                 "value": value}))
+
+            def restore(self, model) -> None:
+                params = dict(model.named_parameters())
+                with torch.no_grad():
+                    for name, weight in (self.weights or {}).items():
+                        params[name].copy_(weight.to(params[name].device))
+
+        return _KeepBest()
 
 
 def run_trainer(job: Job, trainer, model) -> TrainOutcome:
@@ -175,8 +242,14 @@ def run_trainer(job: Job, trainer, model) -> TrainOutcome:
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.time() - t0
-    after = _losses(job, trainer)
+    after = _losses(job, trainer)  # the last weights: a keep-best candidate too
     state = trainer.state
+    kept = next((c for c in trainer.callback_handler.callbacks if hasattr(c, "restore")), None)
+    kept_step = None
+    if kept is not None and kept.step is not None and kept.step != state.global_step:
+        kept.restore(model)
+        kept_step = kept.step
+        after = _losses(job, trainer)
     per_epoch = sum(r.trained_tokens for r in job.train_rows)
     trained_tokens = int(round(per_epoch * max((state.epoch or 0.0) - start_epoch, 0.0)))
     trainable, total = count_parameters(model)
@@ -185,7 +258,9 @@ def run_trainer(job: Job, trainer, model) -> TrainOutcome:
     losses["train_running"] = result.training_loss
     return TrainOutcome(steps=state.global_step, seconds=seconds, trained_tokens=trained_tokens, losses=losses,
                         trainable_params=trainable, total_params=total,
-                        stopped_early=bool(getattr(state, "stopped_early", False)))
+                        stopped_early=bool(getattr(state, "stopped_early", False)),
+                        kept_step=kept_step, kept_metric=kept.metric if kept_step is not None else None,
+                        kept_value=kept.best if kept_step is not None else None)
 
 
 def _losses(job: Job, trainer) -> dict[str, float]:

@@ -293,4 +293,5 @@ METHOD = Method(
     train=train,
     predict=predict,
     encode=encode_labelled,
+    metrics=(),
 )

@@ -267,4 +267,5 @@ METHOD = Method(
     train=train,
     encode=encode_pool,
     prompting=shot_picker,
+    metrics=(),
 )

@@ -292,8 +292,8 @@ def train_rloo(job) -> TrainOutcome:
 METHODS = (
     Method(name="grpo", summary="GRPO: sample replies to prompts, learn from a reward model or a Python function",
            params=GRPOParams, record_types=PROMPT_KINDS, train=train_grpo,
-           encode=encode_prompts, check=ONLINE_CHECKS),
+           encode=encode_prompts, check=ONLINE_CHECKS, metrics=()),
     Method(name="rloo", summary="RLOO: REINFORCE leave-one-out on sampled replies, reward model or Python function",
            params=RLOOParams, record_types=PROMPT_KINDS, train=train_rloo,
-           encode=encode_prompts, check=ONLINE_CHECKS),
+           encode=encode_prompts, check=ONLINE_CHECKS, metrics=()),
 )

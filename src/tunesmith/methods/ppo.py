@@ -589,4 +589,5 @@ METHOD = Method(
     train=train,
     encode=encode_prompts,
     check=all_checks(ROLLOUT_BATCHES, reply_budget, ppo_problems),
+    metrics=(),
 )

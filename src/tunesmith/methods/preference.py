@@ -375,15 +375,13 @@ def train_with(job, params: PolicyParams, trainer_class, config, **trainer_kwarg
     """Check, build the policy, run TRL's trainer with our metrics and early stopping, save; the outcome."""
     from tunesmith.errors import RunError
     from tunesmith.methods.adapters import trainable_weights_in_fp32
-    from tunesmith.methods.common import EarlyStopping, MetricsCallback, run_trainer, to_dataset
+    from tunesmith.methods.common import MetricsCallback, run_trainer, to_dataset, watch_callbacks
 
     problems = policy_problems(job, params)
     if problems:
         raise RecipeError("recipe", problems)
     model = build_policy(job, params)
-    callbacks = [MetricsCallback(job.run.metrics), *job.callbacks]
-    if job.recipe.train.early_stopping_patience:
-        callbacks.append(EarlyStopping(job.recipe.train.early_stopping_patience))
+    callbacks = [MetricsCallback(job.run.metrics), *job.callbacks, *watch_callbacks(job)]
     trainer = trainer_class(model=model, args=config, train_dataset=to_dataset(job.train_rows),
                             eval_dataset=to_dataset(job.validation_rows) if job.validation_rows else None,
                             processing_class=job.tokenizer, callbacks=callbacks, **trainer_kwargs)

@@ -145,14 +145,12 @@ def train(job) -> TrainOutcome:
     """Train on the packed blocks and save `adapter/` or `model/` into the run, as sft does."""
     from transformers import TrainingArguments
 
-    from tunesmith.methods.common import EarlyStopping, MetricsCallback, run_trainer, to_dataset, trainer_arguments
+    from tunesmith.methods.common import MetricsCallback, run_trainer, to_dataset, trainer_arguments, watch_callbacks
     from tunesmith.methods.sft import build_model, save
 
     params: PretrainParams = job.recipe.method
     model = build_model(job, params)
-    callbacks = [MetricsCallback(job.run.metrics), *job.callbacks]
-    if job.recipe.train.early_stopping_patience:
-        callbacks.append(EarlyStopping(job.recipe.train.early_stopping_patience))
+    callbacks = [MetricsCallback(job.run.metrics), *job.callbacks, *watch_callbacks(job)]
     trainer = _trainer_class()(
         model=model, args=TrainingArguments(**trainer_arguments(job)), train_dataset=to_dataset(job.train_rows),
         eval_dataset=to_dataset(job.validation_rows) if job.validation_rows else None,

@@ -292,4 +292,5 @@ METHOD = Method(
     train=train,
     encode=encode_pairs,
     check=padded_batches("each conversation is scored on its own, so batches are padded"),
+    metrics=("loss", "accuracy"),
 )

@@ -24,16 +24,14 @@ def train(job) -> TrainOutcome:
     from trl import SFTConfig
 
     from tunesmith.methods.adapters import trainable_weights_in_fp32
-    from tunesmith.methods.common import (EarlyStopping, MetricsCallback, WeightedCollator, run_trainer, to_dataset,
-                                          trainer_arguments)
+    from tunesmith.methods.common import (MetricsCallback, WeightedCollator, run_trainer, to_dataset,
+                                          trainer_arguments, watch_callbacks)
 
     params: SFTParams = job.recipe.method
     model = build_model(job, params)
     config = SFTConfig(**trainer_arguments(job), max_length=None, padding_free=job.recipe.train.padding_free,
                        dataset_kwargs={"skip_prepare_dataset": True}, packing=False)
-    callbacks = [MetricsCallback(job.run.metrics), *job.callbacks]
-    if job.recipe.train.early_stopping_patience:
-        callbacks.append(EarlyStopping(job.recipe.train.early_stopping_patience))
+    callbacks = [MetricsCallback(job.run.metrics), *job.callbacks, *watch_callbacks(job)]
     trainer = _trainer_class()(model=model, args=config, train_dataset=to_dataset(job.train_rows),
                          eval_dataset=to_dataset(job.validation_rows) if job.validation_rows else None,
                          processing_class=job.tokenizer, callbacks=callbacks)
