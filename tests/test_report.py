@@ -70,7 +70,8 @@ def minimal_run(root: Path, train_rows=TRAIN_ROWS, eval_rows=EVAL_ROWS) -> Path:
     manifest = {"tunesmith_run": 1, "method": "sft", "saved": "adapter",
                 "base_model": {"name": "default", "resolved": "SmolLM2-135M-Instruct (bundled)"},
                 "training": {"steps": 50, "trained_tokens": 40000, "trained_tokens_per_second": 1234.5678,
-                             "trainable_params": 12345, "total_params": 1_000_000, "stopped_early": False},
+                             "trainable_params": 12345, "total_params": 1_000_000, "stopped_early": False,
+                             "kept": {"step": 40, "metric": "loss", "value": 1.23456}},
                 "losses": {"train_before": 2.0, "train_after": 1.0, "validation_before": 1.6,
                            "validation_after": 1.23456},
                 "timings": {"data_seconds": 1.0, "train_seconds": 95.25, "total_seconds": 130.0}}
@@ -135,6 +136,7 @@ def test_header_shows_method_timings_and_loss_before_and_after(page):
     assert header["adapter"] == "lora (saved adapter/)"
     assert header["base model"] == "SmolLM2-135M-Instruct (bundled)"
     assert header["steps"] == "50"
+    assert header["kept"] == "the weights of step 40 (best validation loss, 1.2346), not the last"
     assert header["train time"] == "95.2 s"
     assert header["trained tokens/s"] == "1,234.6"
     assert header["trainable params"] == "12,345 of 1,000,000 (1.23%)"
