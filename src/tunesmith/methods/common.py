@@ -138,9 +138,8 @@ def watch_callbacks(job: Job) -> list:
     if t.early_stopping_patience:
         out.append(EarlyStopping(t.early_stopping_patience, t.best_metric))
     if t.keep_best:
-        resume_step = None
-        if job.resume and job.run.last_checkpoint() is not None:
-            resume_step = int(job.run.last_checkpoint().name.split("-")[-1])
+        last = job.run.last_checkpoint() if job.resume else None
+        resume_step = int(last.name.split("-")[-1]) if last is not None else None
         store = job.run.checkpoints / "best" if t.save_every else None  # a resumable run keeps it on disk too
         out.append(KeepBest(t.best_metric, store, resume_step))
     return out
