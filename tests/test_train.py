@@ -247,6 +247,31 @@ def test_keep_best_survives_a_resume(tmp_path, tiny_model_dir, chat_rows):
     assert all(torch.equal(saved[n], w) for n, w in seen[best][1].items())
 
 
+def test_accuracy_ties_go_to_the_lower_validation_loss():
+    """keep_best and early stopping on accuracy: an equal accuracy with a lower loss is better; worse loss is not."""
+    from types import SimpleNamespace
+
+    from tunesmith.methods.common import EarlyStopping, KeepBest
+
+    model = torch.nn.Linear(2, 1)
+    keep, stop = KeepBest("accuracy"), EarlyStopping(2, "accuracy")
+    control = SimpleNamespace(should_training_stop=False)
+    evaluations = [(1, 0.90, 0.50), (2, 0.90, 0.40), (3, 0.90, 0.45), (4, 0.85, 0.10)]
+    weights = {}
+    for step, accuracy, loss in evaluations:
+        with torch.no_grad():
+            model.weight.fill_(step)
+        weights[step] = model.weight.detach().clone()
+        state = SimpleNamespace(global_step=step, is_world_process_zero=True)
+        metrics = {"eval_accuracy": accuracy, "eval_loss": loss}
+        keep.on_evaluate(None, state, control, model=model, metrics=metrics)
+        stop.on_evaluate(None, state, control, metrics=metrics)
+        assert control.should_training_stop is (step == 4)  # steps 3 and 4 are two without improvement
+    assert (keep.step, keep.best, keep.standing) == (2, 0.90, (0.90, -0.40))
+    keep.restore(model)
+    assert torch.equal(model.weight, weights[2])
+
+
 def test_bad_rows_are_rejected_and_the_limit_stops_the_run(tmp_path, tiny_model_dir, chat_rows):
     rows = chat_rows + ['{"messages": [', {"messages": [{"role": "robot", "content": "x"}]}]
     recipe = make_recipe(tmp_path, tiny_model_dir, rows, data={"max_reject_fraction": 0.1})

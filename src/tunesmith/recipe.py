@@ -93,7 +93,7 @@ class TrainSection(Strict):
     eval_every: int | None = Field(None, gt=0)  # steps between validation-loss evaluations
     early_stopping_patience: int | None = Field(None, gt=0)  # evaluations without improvement before stopping
     keep_best: bool = False  # save the weights of the evaluation with the best `best_metric`, not the last ones
-    best_metric: Literal["loss", "accuracy"] = "loss"  # what keep_best and early stopping watch (accuracy: classifiers)
+    best_metric: Literal["loss", "accuracy"] = "loss"  # keep_best/early stopping watch it (accuracy ties: lower loss)
     save_every: int | None = Field(None, gt=0)  # steps between checkpoints
     save_total_limit: int = Field(2, gt=0)  # checkpoints kept
     log_every: int = Field(10, gt=0)  # steps between metrics.jsonl / TensorBoard lines

@@ -145,11 +145,28 @@ def watch_callbacks(job: Job) -> list:
     return out
 
 
-def _better(metric: str, value: float, best: float | None) -> bool:
-    """Whether `value` of validation `metric` beats `best` (loss: lower; accuracy: higher); ties keep the first."""
+def _standing(metric: str, metrics: dict | None) -> tuple[float, ...] | None:
+    """How good an evaluation is, higher being better: the validation `metric`, then (for accuracy) the loss.
+
+    Accuracy on a few hundred rows ties often; between two evaluations that tie, the lower loss is the better."""
+    metrics = metrics or {}
+    value = metrics.get(f"eval_{metric}")
+    if value is None:
+        return None
+    if metric == "loss":
+        return (-value,)
+    loss = metrics.get("eval_loss")
+    return (value,) if loss is None else (value, -loss)
+
+
+def _better(standing: tuple[float, ...], best: tuple[float, ...] | None) -> bool:
+    """Whether an evaluation's standing beats the best so far; complete ties keep the first."""
     if best is None:
         return True
-    return value > best + 1e-9 if metric != "loss" else value < best - 1e-9
+    for new, old in zip(standing, best):
+        if abs(new - old) > 1e-9:
+            return new > old
+    return False
 
 
 class EarlyStopping:
@@ -159,15 +176,15 @@ class EarlyStopping:
         from transformers import TrainerCallback
 
         class _EarlyStopping(TrainerCallback):
-            best: float | None = None
+            best: tuple[float, ...] | None = None
             bad = 0
 
             def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-                value = (metrics or {}).get(f"eval_{metric}")
-                if value is None:
+                standing = _standing(metric, metrics)
+                if standing is None:
                     return
-                if _better(metric, value, self.best):
-                    self.best, self.bad = value, 0
+                if _better(standing, self.best):
+                    self.best, self.bad = standing, 0
                 else:
                     self.bad += 1
                     if self.bad >= patience:
@@ -191,25 +208,29 @@ class KeepBest:
         class _KeepBest(TrainerCallback):
             def __init__(self):
                 self.metric, self.best, self.step, self.weights = metric, None, None, None
+                self.standing: tuple[float, ...] | None = None
                 info = store / "best.json" if store else None
                 if resume_step is not None and info is not None and info.exists():
                     found = json.loads(info.read_text())
                     if found["step"] <= resume_step:
                         self.best, self.step = found["value"], found["step"]
+                        self.standing = tuple(found["standing"])
                         self.weights = load_file(str(store / "weights.safetensors"))
 
             def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
-                value = (metrics or {}).get(f"eval_{metric}")
-                if value is None or model is None or state.global_step == 0 or not _better(metric, value, self.best):
+                standing = _standing(metric, metrics)
+                if standing is None or model is None or state.global_step == 0:
                     return
-                self.best, self.step = value, state.global_step
+                if not _better(standing, self.standing):
+                    return
+                self.best, self.step, self.standing = metrics[f"eval_{metric}"], state.global_step, standing
                 self.weights = {name: p.detach().to("cpu", copy=True).contiguous()
                                 for name, p in model.named_parameters() if p.requires_grad}
                 if store is not None and state.is_world_process_zero:
                     store.mkdir(parents=True, exist_ok=True)
                     save_file(self.weights, str(store / "weights.safetensors"))
                     (store / "best.json").write_text(json.dumps({"step": self.step, "metric": metric,
-                                                                 "value": value}))
+                                                                 "value": self.best, "standing": standing}))
 
             def restore(self, model) -> None:
                 params = dict(model.named_parameters())
