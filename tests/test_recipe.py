@@ -18,7 +18,7 @@ from tunesmith.recipe import (
 )
 
 TRAIN_FIELDS = ", ".join(TrainSection.model_fields)
-METHODS = "sft, pretrain, classify, features, fewshot, reward, dpo, kto, orpo, grpo, rloo, ppo"  # registry order
+METHODS = "sft, pretrain, classify, features, fewshot, ensemble, reward, dpo, kto, orpo, grpo, rloo, ppo"  # registry order
 
 
 def write_recipe(folder: Path, recipe: dict | str, name: str = "recipe.yaml", train_file: bool = True) -> Path:

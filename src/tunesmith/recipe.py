@@ -186,12 +186,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> tuple[dict, list[str]]:
         node[parts[-1]] = value
         if key in _PATH_KEYS and isinstance(value, str) and value != "auto":  # paths typed on the command line are relative to cwd
             node[parts[-1]] = str(Path(value).expanduser().resolve())
+        if key in _PATH_LIST_KEYS and isinstance(value, list):
+            node[parts[-1]] = [str(Path(v).expanduser().resolve()) if isinstance(v, str) else v for v in value]
     return raw, problems
 
 
 _PATH_KEYS = ("data.train", "data.validation", "data.class_weights", "model.cache_dir", "output.dir")
 RUN_KEYS = ("start_from", "policy", "reward_model")  # method settings that name another run folder
 _PATH_KEYS += tuple(f"method.{key}" for key in RUN_KEYS)
+_PATH_LIST_KEYS = ("method.members",)  # lists of run folders (ensemble)
 
 
 def recipe_changes(before: str, after: str, limit: int = 4) -> str:
@@ -237,6 +240,12 @@ def _resolve_paths(raw: dict, base: Path) -> None:
             continue
         if not Path(value).expanduser().is_absolute():
             node[field] = str((base / value).resolve())
+    for key in _PATH_LIST_KEYS:
+        section, field = key.split(".")
+        node = raw.get(section)
+        if isinstance(node, dict) and isinstance(node.get(field), list):
+            node[field] = [str((base / Path(v).expanduser()).resolve()) if isinstance(v, str) else v
+                           for v in node[field]]
 
 
 def parse_recipe(raw: dict, source: str = "recipe", check_files: bool = True,
@@ -359,6 +368,13 @@ def _file_checks(s: dict[str, Any]) -> list[str]:
         if isinstance(value, str) and not (Path(value) / "manifest.json").is_file():
             out.append(f"`method.{key}`: {value!r} is not a finished run folder (no manifest.json); "
                        "train that run first, or fix the path (relative to the recipe file)")
+    if isinstance(getattr(method, "members", None), list):
+        from tunesmith.methods.ensemble import member_runs
+
+        try:
+            member_runs(method.members)
+        except RecipeError as exc:
+            out.extend(exc.problems)
     model = s.get("model")
     if model and model.name not in BUNDLED_MODELS and not Path(model.name).expanduser().exists():
         out.append(f"`model.name`: {model.name!r} is neither a bundled model ({', '.join(BUNDLED_MODELS)}) nor an "

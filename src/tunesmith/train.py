@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -224,6 +225,9 @@ def train_summary(manifest: dict[str, Any], run: RunDir) -> str:
     if losses.get("validation_accuracy_after") is not None:  # classifiers
         rows.append(("validation accuracy", f"{fmt(losses.get('validation_accuracy_before'))} -> "
                                             f"{fmt(losses['validation_accuracy_after'])}"))
+    members = sorted(int(k.split("_")[1]) for k in losses if re.fullmatch(r"member_\d+_validation_accuracy", k))
+    for i in members:  # method: ensemble
+        rows.append((f"member {i}", f"validation accuracy {fmt(losses[f'member_{i}_validation_accuracy'])}"))
     if losses.get("probe_train_accuracy") is not None:  # classify with head_init: probe
         rows.append(("head init", f"linear probe, training accuracy {losses['probe_train_accuracy']:.4f} "
                                   f"({losses['probe_seconds']:.1f} s)"))

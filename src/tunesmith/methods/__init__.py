@@ -5,11 +5,12 @@ The CLI choices, the recipe schema, `tunesmith methods` and the per-method tests
 
 from __future__ import annotations
 
-from tunesmith.methods import classify, features, fewshot, online, ppo, preference, pretrain, reward, sft
+from tunesmith.methods import classify, ensemble, features, fewshot, online, ppo, preference, pretrain, reward, sft
 from tunesmith.methods.base import Method, TrainOutcome
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     sft.METHOD, pretrain.METHOD, classify.METHOD, features.METHOD, fewshot.METHOD,  # fine-tuning and baselines
+    ensemble.METHOD,  # pooled classifier runs
     reward.METHOD, *preference.METHODS, *online.METHODS, ppo.METHOD,  # alignment: dpo kto orpo, grpo rloo, ppo
 )}
 

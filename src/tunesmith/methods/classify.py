@@ -79,6 +79,7 @@ class LabelRow(Encoded):
     """One classification row: the text's token ids and `labels = [label id]`; `classes` names every id."""
 
     classes: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    text: str = field(default="", repr=False, compare=False)  # the row's text as given (ensembles re-read it)
 
     @property
     def trained_tokens(self) -> int:  # the loss back-propagates through every token of the text
@@ -143,7 +144,8 @@ def encode_labelled(data, tokenizer, recipe) -> LabelledRows:
                 continue
             label = record.data["label"]
             weight = weights.get(label, 1.0) if target is out.train else 1.0  # validation measures the real task
-            target.append(LabelRow(ids, [index[label]], full > len(ids), full, weight, classes))
+            target.append(LabelRow(ids, [index[label]], full > len(ids), full, weight, classes,
+                                   record.data["text"]))
     return out
 
 
