@@ -122,3 +122,19 @@ def test_members_and_weights_that_cannot_pool_are_named(members, tiny_model_dir,
     assert "has other labels" in text and "only in it: ['x', 'y', 'z']" in text
     with pytest.raises(RecipeError, match="members.*at least 2|List should have at least 2"):
         make_recipe(tmp, tiny_model_dir, {"name": "ensemble", "members": [str(runs["a"])]}, name="one")
+
+
+def test_generate_chat_and_export_refuse_a_classifier_run(members):
+    """They would load the base language model and silently leave the head out; they say what to use instead."""
+    from tunesmith.errors import RunError
+    from tunesmith.generate import export_merged, load_run
+
+    tmp, _, runs = members
+    for name, method in (("a", "classify"), ("c", "features")):
+        with pytest.raises(RunError, match=f"`method: {method}` made a classifier") as err:
+            load_run(runs[name])
+        assert "tunesmith eval" in err.value.hint
+        with pytest.raises(RunError, match="made a classifier"):
+            export_merged(runs[name], tmp / "merged")
+        assert not (tmp / "merged").exists()
+    assert load_run(runs["a"], base=True).label.startswith("base")  # its base model still answers

@@ -32,6 +32,8 @@ def load_run(path: str | Path, base: bool = False, dtype=None) -> Loaded:
     A run that prompts instead of training (method: fewshot) is its base model with the run's shots as `context`.
     """
     run = open_run(path)  # a wrong folder fails fast, before torch is imported
+    if not base:
+        _refuse_classifier(run)
     context = [] if base else _prompting_context(run)
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -58,6 +60,19 @@ def load_run(path: str | Path, base: bool = False, dtype=None) -> Loaded:
     model.eval()
     model.config.use_cache = True
     return Loaded(model, tokenizer, generation_config, label, context)
+
+
+def _refuse_classifier(run) -> None:
+    """A classifier run (classify, features, ensemble, reward) answers with labels or scores, not text: generate,
+    chat and export would otherwise load its base language model and silently leave the head out."""
+    from tunesmith.methods import REGISTRY
+
+    name = run.read_manifest().get("method", "")
+    method = REGISTRY.get(name)
+    if method is not None and method.predict is not None:
+        raise RunError(f"{run.root}: `method: {name}` made a classifier: it answers with labels, not text",
+                       f"score texts with `tunesmith eval {run.root} --data FILE` (the predictions go to "
+                       "eval/…/examples.jsonl)")
 
 
 def _prompting_context(run) -> list[dict[str, str]]:
@@ -130,6 +145,7 @@ def export_merged(path: str | Path, out: str | Path, overwrite: bool = False) ->
     from tunesmith.methods.adapters import check_mergeable, merge_for_export, run_adapter
 
     run = open_run(path)
+    _refuse_classifier(run)
     if run.read_manifest()["saved"] == "none":
         raise RunError(f"{run.root}: a {run.read_manifest()['method']} run has no trained weights to export",
                        "its base model is the model: use model.name from its recipe.yaml directly")

@@ -3,8 +3,8 @@
 Members are finished classifier run folders — `classify` with any adapter and model, `features`, or another
 ensemble — over the same labels, e.g. a fine-tuned encoder and a fine-tuned decoder whose mistakes differ. Nothing
 is trained: "training" checks the members, measures each one and the ensemble on the validation rows, and writes
-`ensemble.json` (the members' folders, weights and validation accuracies) and `labels.json`. eval, predict and
-compare treat the run folder like any other classifier's.
+`ensemble.json` (the members' folders, weights and validation accuracies) and `labels.json`. `tunesmith eval`
+treats the run folder like any other classifier's.
 
 Pooling (`combine`): `mean` averages the members' probabilities (soft voting); `geometric` averages their
 log-probabilities and renormalizes (a product of experts: a label one member rules out stays out). `weights`
