@@ -214,23 +214,32 @@ def test_group_by_length_batches_rows_of_similar_length(tmp_path, tiny_model_dir
     assert padded[True] - real < (padded[False] - real) / 4  # measured: 67 padding tokens against 447
 
 
-def test_eval_against_other_classifier_runs_reads_each_runs_own_head(tmp_path, tiny_model_dir, tokenizer):
+@pytest.fixture(scope="module")
+def classifier_runs(tmp_path_factory, tiny_model_dir):
+    """Three classifier runs on the same rows, with a held-out file: classify with LoRA (a) and full (b), and
+    features (c). Returns (folder, held-out file, {name: run folder})."""
+    tmp = tmp_path_factory.mktemp("classifiers")
+    held_out = write_jsonl(tmp / "held_out.jsonl", [
+        {"text": f"the {w} {'was wonderful' if i % 2 else 'felt terrible'} at night", "label": "pos" if i % 2
+         else "neg"} for i, w in enumerate(WORDS)])
+    runs = {}
+    for name, method, lr in (("a", {"name": "classify", "adapter": "lora"}, 1e-3),
+                             ("b", {"name": "classify", "adapter": "full"}, 1e-2),
+                             ("c", {"name": "features", "pooling": "last"}, 1e-3)):
+        recipe = make_recipe(tmp, tiny_model_dir, method, name=name, data={"validation": str(held_out)},
+                             precision="fp32", learning_rate=lr)
+        train_run(recipe, echo=lambda s: None)
+        runs[name] = tmp / name
+    return tmp, held_out, runs
+
+
+def test_eval_against_other_classifier_runs_reads_each_runs_own_head(classifier_runs):
     """`tunesmith eval A --against B,C,base` with classifier runs B (classify) and C (features): each answers
     through its own head (it used to be loaded as a generator and fail), on the same rows, paired differences."""
     from tunesmith.evaluation.runner import EvalOptions, evaluate_run
     from tunesmith.methods import classify, features
 
-    held_out = write_jsonl(tmp_path / "held_out.jsonl", [
-        {"text": f"the {w} {'was wonderful' if i % 2 else 'felt terrible'} at night", "label": "pos" if i % 2
-         else "neg"} for i, w in enumerate(WORDS)])
-    runs = {}
-    for name, method, lr in (("a", {"name": "classify", "adapter": "lora"}, 1e-3),
-                             ("b", {"name": "classify", "adapter": "lora"}, 1e-2),
-                             ("c", {"name": "features", "pooling": "last"}, 1e-3)):
-        recipe = make_recipe(tmp_path, tiny_model_dir, method, name=name, data={"validation": str(held_out)},
-                             precision="fp32", learning_rate=lr)
-        train_run(recipe, echo=lambda s: None)
-        runs[name] = tmp_path / name
+    _, held_out, runs = classifier_runs
     results = evaluate_run(runs["a"], EvalOptions(against=(str(runs["b"]), str(runs["c"]), "base"),
                                                   forgetting=False, n_resamples=50), echo=lambda s: None)
     assert results["systems"] == ["tuned", "b", "c", "base"] and results["rows"] == 10

@@ -11,27 +11,15 @@ import numpy as np
 import pytest
 
 from conftest import write_jsonl
-from test_classify import PROBES, WORDS, make_recipe
+from test_classify import PROBES, WORDS, classifier_runs, make_recipe  # noqa: F401 - a fixture
 from tunesmith.errors import RecipeError
 from tunesmith.train import train_run
 
 
 @pytest.fixture(scope="module")
-def members(tmp_path_factory, tiny_model_dir):
-    """Three classifier runs on the same rows, with a held-out file: two classify heads (LoRA, full) and features."""
-    tmp = tmp_path_factory.mktemp("members")
-    held_out = write_jsonl(tmp / "held_out.jsonl", [
-        {"text": f"the {w} {'was wonderful' if i % 2 else 'felt terrible'} at night", "label": "pos" if i % 2
-         else "neg"} for i, w in enumerate(WORDS)])
-    runs = {}
-    for name, method, lr in (("a", {"name": "classify", "adapter": "lora"}, 1e-3),
-                             ("b", {"name": "classify", "adapter": "full"}, 1e-2),
-                             ("c", {"name": "features", "pooling": "last"}, 1e-3)):
-        recipe = make_recipe(tmp, tiny_model_dir, method, name=name, data={"validation": str(held_out)},
-                             precision="fp32", learning_rate=lr)
-        train_run(recipe, echo=lambda s: None)
-        runs[name] = tmp / name
-    return tmp, held_out, runs
+def members(classifier_runs):
+    """Three classifier runs on the same rows, with a held-out file: classify (LoRA, full) and features."""
+    return classifier_runs
 
 
 def own_predictions(runs, texts):
