@@ -57,7 +57,9 @@ def train_run(recipe: Recipe, resume: bool = False, callbacks: list | None = Non
     rng = random.Random(recipe.train.seed)
     loss_rows = rng.sample(encoded.train, min(recipe.eval.loss_rows, len(encoded.train)))
     precision = pick_precision(recipe.train.precision)
-    echo(f"model: {source.describe()} · method: {method.name} ({getattr(recipe.method, 'adapter', '-')}) · "
+    members = getattr(recipe.method, "members", None)  # an ensemble: its members bring their own models
+    echo((f"members: {', '.join(members)}" if members else f"model: {source.describe()}") +
+         f" · method: {method.name} ({getattr(recipe.method, 'adapter', '-')}) · "
          f"precision: {precision}" + (" (auto)" if recipe.train.precision == "auto" else ""))
     job = Job(recipe=recipe, run=run, source=source, tokenizer=tokenizer, train_rows=encoded.train,
               validation_rows=encoded.validation, loss_rows=loss_rows, precision=precision, resume=resume,
