@@ -127,3 +127,14 @@ def test_generate_chat_and_export_refuse_a_classifier_run(members):
             export_merged(runs[name], tmp / "merged")
         assert not (tmp / "merged").exists()
     assert load_run(runs["a"], base=True).label.startswith("base")  # its base model still answers
+
+
+def test_nonpositive_weights_a_repeated_member_and_early_stopping_are_named(members, tiny_model_dir):
+    tmp, _, runs = members
+    with pytest.raises(RecipeError) as err:
+        make_recipe(tmp, tiny_model_dir, {"name": "ensemble", "members": [str(runs["a"]), str(runs["a"])],
+                                          "weights": [1, 0]}, name="bad2", early_stopping_patience=2, eval_every=1)
+    text = str(err.value)
+    assert "`method.weights`: [1.0, 0.0] — each weight must be above 0" in text
+    assert "`method.members`: a run is named twice" in text
+    assert "`train.early_stopping_patience`: `method: ensemble` trains nothing" in text

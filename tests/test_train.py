@@ -353,3 +353,18 @@ def test_group_by_length_reaches_the_sft_trainer(tmp_path, tiny_model_dir):
         tmp_path, tiny_model_dir, rows, name=f"grouped-{grouped}", group_by_length=grouped, max_steps=1,
         max_seq_len=128, eval={"loss_before": False}, data={"check": {"enabled": False}})) for grouped in (False, True)}
     assert padding[True] < padding[False] / 3
+
+
+def test_keep_best_resumes_from_a_best_json_without_a_standing(tmp_path):
+    """best.json written before ties were broken by loss holds only the value; a resumed run still reads it."""
+    import json as _json
+
+    from safetensors.torch import save_file
+
+    from tunesmith.methods.common import KeepBest
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "weights.safetensors"))
+    (tmp_path / "best.json").write_text(_json.dumps({"step": 3, "metric": "accuracy", "value": 0.9}))
+    keep = KeepBest("accuracy", tmp_path, resume_step=4)
+    assert (keep.step, keep.best, keep.standing) == (3, 0.9, (0.9,))
+    assert torch.equal(keep.weights["w"], torch.ones(2))

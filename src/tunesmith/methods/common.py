@@ -214,7 +214,8 @@ class KeepBest:
                     found = json.loads(info.read_text())
                     if found["step"] <= resume_step:
                         self.best, self.step = found["value"], found["step"]
-                        self.standing = tuple(found["standing"])
+                        self.standing = tuple(found.get("standing") or  # best.json of an older version: value only
+                                              _standing(metric, {f"eval_{metric}": found["value"]}))
                         self.weights = load_file(str(store / "weights.safetensors"))
 
             def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
