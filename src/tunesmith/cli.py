@@ -311,7 +311,11 @@ def cmd_export(args) -> int:
     from tunesmith.generate import export_merged
 
     out = export_merged(args.run, args.out or Path(args.run) / "merged", overwrite=args.overwrite)
-    print(f"wrote merged model to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    if (out / "tunesmith_classifier.json").exists():
+        print(f"wrote merged classifier to {out} (load it with AutoModelForSequenceClassification.from_pretrained; "
+              f"{out / 'README.md'} says how to put texts to it)")
+    else:
+        print(f"wrote merged model to {out} (load it with AutoModelForCausalLM.from_pretrained)")
     return 0
 
 

@@ -137,7 +137,8 @@ def chat_loop(loaded: Loaded, read: Callable[[str], str] = input, write: Callabl
 
 
 def export_merged(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write a standalone model folder (weights, tokenizer, generation config), the adapter merged in.
+    """Write a standalone model folder (weights, tokenizer, generation config), the adapter merged in; a classify
+    run becomes a sequence-classification folder (methods/classify.py `export`). Other classifier runs are refused.
 
     Adapters that can't be merged exactly (qlora, prefix, prompt, bottleneck) raise a RunError saying why, before
     anything is loaded.
@@ -145,23 +146,35 @@ def export_merged(path: str | Path, out: str | Path, overwrite: bool = False) ->
     from tunesmith.methods.adapters import check_mergeable, merge_for_export, run_adapter
 
     run = open_run(path)
-    _refuse_classifier(run)
-    if run.read_manifest()["saved"] == "none":
-        raise RunError(f"{run.root}: a {run.read_manifest()['method']} run has no trained weights to export",
+    manifest = run.read_manifest()
+    classifier = manifest.get("method") == "classify"
+    if not classifier:
+        _refuse_classifier(run)
+    if manifest["saved"] == "none":
+        raise RunError(f"{run.root}: a {manifest['method']} run has no trained weights to export",
                        "its base model is the model: use model.name from its recipe.yaml directly")
-    adapter = run_adapter(run, run.read_manifest()).adapter
+    adapter = run_adapter(run, manifest).adapter
     check_mergeable(adapter)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise RunError(f"{out}: already exists", "choose another --out folder or pass --overwrite")
-        shutil.rmtree(out)
+    out = _fresh_folder(Path(out), overwrite)
+    if classifier:
+        from tunesmith.methods import classify
+
+        return classify.export(run.root, out)
     loaded = load_run(path)
     model = merge_for_export(loaded.model, adapter)
     model.save_pretrained(out)
     loaded.tokenizer.padding_side = "right"
     loaded.tokenizer.save_pretrained(out)
     loaded.generation_config.save_pretrained(out)
+    return out
+
+
+def _fresh_folder(out: Path, overwrite: bool) -> Path:
+    """`out`, refusing one that holds files unless `overwrite` (then it is emptied)."""
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise RunError(f"{out}: already exists", "choose another --out folder or pass --overwrite")
+        shutil.rmtree(out)
     return out
 
 

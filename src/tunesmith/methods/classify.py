@@ -496,8 +496,9 @@ class LoadedClassifier:
 _CACHE: dict[tuple, LoadedClassifier] = {}
 
 
-def load_classifier(run_dir: str | Path, precision: str | None = None) -> LoadedClassifier:
-    """Load (once per run folder and precision) the trained classifier; precision defaults to the training one."""
+def load_classifier(run_dir: str | Path, precision: str | None = None, cache: bool = True) -> LoadedClassifier:
+    """Load (once per run folder and precision, unless `cache` is off) the trained classifier; precision defaults to
+    the training one."""
     import torch
     from transformers import AutoTokenizer
 
@@ -527,7 +528,8 @@ def load_classifier(run_dir: str | Path, precision: str | None = None) -> Loaded
     collate = PadCollator(meta["pad_token_id"], meta.get("padding_side", "right"))
     loaded = LoadedClassifier(model, tokenizer, meta["labels"], recipe["train"]["max_seq_len"], precision, collate,
                               meta.get("pooling", "model"), meta.get("template"))
-    _CACHE[key] = loaded
+    if cache:
+        _CACHE[key] = loaded
     return loaded
 
 
@@ -552,6 +554,84 @@ def predict(run_dir: str | Path, texts: list[str], batch_size: int = 16, precisi
             progress(len(chunk))
     bar.close()
     return out
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+EXPORT_INFO = "tunesmith_classifier.json"
+
+
+def export(run_dir: str | Path, out: Path) -> Path:
+    """Write the run's classifier to `out` as a plain transformers sequence-classification folder: the adapter
+    merged into the base (a RunError before loading where that isn't exact), the labels in config.json's
+    id2label/label2id, the tokenizer padding on the side the head expects, and `tunesmith_classifier.json` plus a
+    README.md saying how to read it — the template each text goes into, and for `pooling: mean` that the logits are
+    the head applied to the masked mean of the last hidden states (no transformers class pools that way)."""
+    from tunesmith.artifacts import open_run, write_json
+    from tunesmith.errors import RunError
+    from tunesmith.methods.adapters import check_mergeable, merge_for_export, run_adapter
+
+    run = open_run(run_dir)
+    adapter = run_adapter(run, run.read_manifest()).adapter
+    check_mergeable(adapter)
+    loaded = load_classifier(run.root, "fp32", cache=False)
+    model = merge_for_export(loaded.model, adapter)
+    model.config.id2label = dict(enumerate(loaded.labels))
+    model.config.label2id = {label: i for i, label in enumerate(loaded.labels)}
+    model.config.pad_token_id = loaded.collate.pad_id
+    model.config.use_cache = True
+    model.save_pretrained(out)
+    loaded.tokenizer.padding_side = loaded.collate.side
+    loaded.tokenizer.save_pretrained(out)
+    head = next((name for name in HEADS if hasattr(model, name)), None)
+    if head is None:
+        raise RunError(f"{run.root}: {type(model).__name__} has no `score` or `classifier` head to export",
+                       "score texts with `tunesmith eval RUN --data FILE` instead")
+    info = {"labels": loaded.labels, "pooling": loaded.pooling, "template": loaded.template,
+            "padding_side": loaded.collate.side, "max_length": loaded.max_len, "head": head,
+            "run": str(run.root)}
+    write_json(out / EXPORT_INFO, info)
+    (out / "README.md").write_text(_export_readme(info), encoding="utf-8")
+    return out
+
+
+def _export_readme(info: dict[str, Any]) -> str:
+    """How to read an exported classifier with plain transformers (README.md of the exported folder)."""
+    text = (f"TEMPLATE = {json.dumps(info['template'])}  # the prompt each text was put in\n"
+            'text = TEMPLATE.replace("{text}", text)'
+            if info["template"] else "# each text goes in as it is (the run had no template)")
+    cut = ("; tunesmith shortens a longer text inside the template (the template's words are kept), while "
+           "`truncation=True` above cuts the end of the whole prompt" if info["template"] else "")
+    if info["pooling"] == "mean":
+        read = ("    hidden = model.base_model(**batch).last_hidden_state\n"
+                "    mask = batch[\"attention_mask\"].unsqueeze(-1).to(hidden.dtype)\n"
+                f"    logits = model.{info['head']}((hidden * mask).sum(1) / mask.sum(1))")
+        note = ("The head reads the **mean of the last hidden states** over the attention mask, not the model's own "
+                "pooling, so `model(**batch).logits` is *not* this classifier's answer: compute it as below.")
+    else:
+        read = "    logits = model(**batch).logits"
+        note = "`model(**batch).logits` is the classifier's answer (the head reads the model's own pooling)."
+    return f"""# Classifier exported by tunesmith
+
+From the run `{info['run']}`: {len(info['labels'])} labels ({', '.join(info['labels'][:8])}{', …' if len(info['labels']) > 8 else ''}),
+adapter merged into the weights. {note} `tunesmith_classifier.json` holds the same facts for programs. Below,
+`FOLDER` is this folder's path and `text` the text to classify.
+
+```python
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+model = AutoModelForSequenceClassification.from_pretrained(FOLDER).eval()
+tokenizer = AutoTokenizer.from_pretrained(FOLDER)  # pads on the {info['padding_side']}, as the head expects
+{text}
+batch = tokenizer([text], return_tensors="pt", padding=True, truncation=True, max_length={info['max_length']})
+with torch.no_grad():
+{read}
+probabilities = logits.softmax(-1)  # column i is model.config.id2label[i]
+```
+
+Trained with texts of at most {info['max_length']} tokens{cut}.
+"""
 
 
 METHOD = Method(
