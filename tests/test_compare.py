@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from conftest import write_jsonl
 from test_check import CLEAN, LABELS
@@ -189,6 +190,37 @@ def test_finished_arms_are_reused_not_retrained(compared, recipe):
     assert code == 0 and "lora: training" in stdout
     assert "(replaces the run there; its recipe differs: train.max_steps 2 -> 1)" in stdout
     assert json.loads((out / "lora" / "manifest.json").read_text())["training"]["steps"] == 1
+
+
+def test_an_ensemble_arm_pools_the_classifier_arms_after_they_train(recipe):
+    """`ensemble` named first still trains last, over the comparison's classifier arms; its row's answers are the
+    arg-max of the mean of those arms' own probabilities. With fewer than two classifier arms: exit 2."""
+    from tunesmith.methods import classify, features
+
+    out = recipe.parent / "out-ensemble"
+    code, stdout, stderr = call("compare", str(recipe), "--methods", "ensemble,classify:ia3,features", "--out",
+                                str(out), "--batch-size", "4")
+    assert code == 0, stderr
+    assert stdout.index("[3/3] ensemble: training") > stdout.index("[2/3] features: training")
+    rows = rows_by_name(json.loads((out / "compare.json").read_text()))
+    assert [n for n, r in rows.items() if r["status"] == "ok"] == ["zero-shot", "ensemble", "classify:ia3", "features"]
+    assert rows["ensemble"]["trainable_params"] == 0
+    members = [str((out / "classify-ia3").resolve()), str((out / "features").resolve())]
+    assert yaml.safe_load((out / "ensemble" / "recipe.yaml").read_text())["method"]["members"] == members
+    examples = [json.loads(x) for x in (out / "ensemble" / "eval" / "compare" / "examples.jsonl").read_text()
+                .splitlines()]
+    texts = [e["input"] for e in examples]
+    pooled = [{k: (a[k] + b[k]) / 2 for k in a} for a, b in zip(classify.predict(members[0], texts),
+                                                               features.predict(members[1], texts))]
+    from tunesmith.methods import ensemble
+
+    got = ensemble.predict(out / "ensemble", texts)
+    assert np.allclose([[p[k] for k in sorted(p)] for p in got], [[p[k] for k in sorted(p)] for p in pooled], atol=1e-6)
+    assert [e["tuned"]["pred"] for e in examples] == [max(p, key=p.get) for p in pooled]
+    assert rows["ensemble"]["metric"]["value"] == pytest.approx(np.mean([e["tuned"]["accuracy"] for e in examples]))
+
+    assert main(["compare", str(recipe), "--methods", "features,ensemble", "--out", str(out / "never")]) == 2
+    assert not (out / "never").exists()
 
 
 # ----------------------------------------------------------------------------------------------- bad input

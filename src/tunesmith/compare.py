@@ -37,6 +37,7 @@ from tunesmith.recipe import MethodParams, Recipe, apply_overrides, load_recipe,
 
 ZERO_SHOT = ("zero-shot", "base")
 FEWSHOT = "fewshot"
+ENSEMBLE = "ensemble"  # an arm that pools the classifier arms (methods/ensemble.py)
 LORA_FAMILY = ("lora", "qlora", "dora")  # they share LoRA's settings, so they compare at the same rank
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".npz")
 EVAL_NAME = "compare"  # the arms' evaluations go to RUN/eval/compare/
@@ -194,13 +195,25 @@ def arm_method_section(params: MethodParams, method: str, adapter: str | None) -
     return section
 
 
-def arm_recipe(base: Recipe, arm: Arm, out: Path) -> Recipe:
-    """The arm's full recipe: the base recipe with the arm's method section, run folder and overrides."""
+def arm_recipe(base: Recipe, arm: Arm, out: Path, members: list[Arm] = ()) -> Recipe:
+    """The arm's full recipe: the base recipe with the arm's method section, run folder and overrides.
+
+    An `ensemble` arm pools the comparison's classifier arms (`members`): their run folders don't exist yet, so its
+    recipe's files are checked when it trains, after them."""
     raw = base.model_dump(mode="json")
     raw["method"] = arm_method_section(base.method, arm.method, arm.adapter)
+    if arm.method == ENSEMBLE:
+        raw["method"]["members"] = [str((out / m.folder).resolve()) for m in members]
     raw["output"] = {"dir": str((out / arm.folder).resolve()), "overwrite": True}
     raw, problems = apply_overrides(raw, arm.overrides)
-    return parse_recipe(raw, f"arm {arm.name}", problems=problems)
+    return parse_recipe(raw, f"arm {arm.name}", check_files=arm.method != ENSEMBLE, problems=problems)
+
+
+def ensemble_members(arms: list[Arm]) -> list[Arm]:
+    """The arms an `ensemble` arm pools: every arm that trains a classifier (classify, features)."""
+    from tunesmith.methods import REGISTRY
+
+    return [a for a in arms if a.method and a.method != ENSEMBLE and REGISTRY[a.method].predict is not None]
 
 
 def plan_arms(options: CompareOptions) -> tuple[Recipe, list[Arm], Path]:
@@ -214,11 +227,16 @@ def plan_arms(options: CompareOptions) -> tuple[Recipe, list[Arm], Path]:
     split_arm_overrides(options.arm_overrides, arms)
     out = Path(options.out or Path("runs") / f"compare-{Path(options.recipe).stem}")
     problems = []
+    members = ensemble_members(arms)
+    if any(a.method == ENSEMBLE for a in arms) and len(members) < 2:
+        raise TunesmithError(f"--methods ensemble: it pools this comparison's classifier arms (classify, features), "
+                             f"and {'only ' + members[0].name if members else 'none'} is named",
+                             "name at least two, e.g. --methods classify:lora,classify:full,features,ensemble")
     for arm in arms:
         if arm.baseline:
             continue
         try:
-            arm.recipe = arm_recipe(base, arm, out)
+            arm.recipe = arm_recipe(base, arm, out, members)
         except RecipeError as exc:
             problems.extend(f"arm {arm.name}: {p}" for p in exc.problems)
     if problems:
@@ -254,7 +272,7 @@ def run_compare(options: CompareOptions, echo: Callable[[str], None] = print) ->
     wanted = [a.baseline for a in arms if a.baseline == "fewshot"]
     needs = ["base", *wanted]  # the zero-shot row always; answered with the first arm that trains
     holder: Arm | None = None
-    trained = [a for a in arms if a.recipe]
+    trained = sorted((a for a in arms if a.recipe), key=lambda a: a.method == ENSEMBLE)  # after its members
     for i, arm in enumerate(trained, 1):
         against = needs if holder is None else []
         record = run_arm(arm, out, options, against, f"[{i}/{len(trained)}]", echo)
@@ -278,7 +296,7 @@ def run_arm(arm: Arm, out: Path, options: CompareOptions, against: list[str], ta
     record_file, log = out / "arms" / f"{arm.folder}.json", out / "logs" / f"{arm.folder}.log"
     previous = json.loads(record_file.read_text()) if record_file.exists() else {}
     finished = (run.manifest.exists() and run.recipe.exists() and run.recipe.read_text() == arm.recipe.to_yaml())
-    reuse = finished and not options.fresh
+    reuse = finished and not options.fresh and arm.method != ENSEMBLE  # its members may have been retrained
     eval_key = {"limit": options.limit, "seed": options.seed, "shots": options.shots, "against": against,
                 "max_new_tokens": options.max_new_tokens}
     same_run = reuse and previous.get("manifest_sha") == _sha(run.manifest)
