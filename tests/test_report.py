@@ -79,7 +79,8 @@ def minimal_run(root: Path, train_rows=TRAIN_ROWS, eval_rows=EVAL_ROWS) -> Path:
     rows = [{"step": s, "epoch": s / 40, "loss": loss, "grad_norm": 0.5, "learning_rate": lr,
              "mean_token_accuracy": 0.8} for s, loss, lr in train_rows]
     rows += [{"step": s, "epoch": s / 40, "eval_loss": loss} for s, loss in eval_rows]
-    rows += [{"step": 50, "train_sample_loss": 0.2}, {"step": 50, "train_loss": 1.4, "train_runtime": 95.0}]
+    rows += [{"step": 50, "train_sample_loss": 0.2}, {"step": 50, "train_loss": 1.4, "train_runtime": 95.0},
+             {"step": 50, "eval_loss": 1.23456, "kept_from_step": 40}]  # kept weights re-measured: not a point
     write_lines(root / "metrics.jsonl", rows)
     return root
 

@@ -225,6 +225,12 @@ def test_keep_best_saves_the_weights_of_the_best_evaluation_not_the_last(tmp_pat
     saved = saved_full_model(tmp_path / "run")
     assert all(torch.equal(saved[n], w) for n, w in seen[best][1].items())
     assert not torch.equal(saved["model.norm.weight"], seen[6][1]["model.norm.weight"])
+    # metrics.jsonl: one evaluation per step, then the kept weights' re-measurement, marked as such
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals if "kept_from_step" not in r] == [0, 1, 2, 3, 4, 5, 6, 6]
+    kept = [r for r in evals if "kept_from_step" in r]
+    assert [(r["step"], r["kept_from_step"]) for r in kept] == [(6, best)]
+    assert kept[0]["eval_loss"] == pytest.approx(seen[best][0], abs=1e-5)
 
 
 def test_keep_best_survives_a_resume(tmp_path, tiny_model_dir, chat_rows):

@@ -131,7 +131,8 @@ class Series:
 
 def _curves(metrics: list[dict[str, Any]]) -> str:
     def points(key: str) -> list[tuple[float, float]]:
-        return [(r["step"], r[key]) for r in metrics if _finite(r.get(key)) and _finite(r.get("step"))]
+        return [(r["step"], r[key]) for r in metrics  # not the re-measurement of kept weights (kept_from_step)
+                if _finite(r.get(key)) and _finite(r.get("step")) and "kept_from_step" not in r]
 
     charts = [("loss", [Series("train_loss", "training loss", points("loss")),
                         Series("eval_loss", "validation loss", points("eval_loss"), True, COLORS[1])]),

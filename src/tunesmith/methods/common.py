@@ -115,16 +115,20 @@ def _logical_numel(param) -> int:
 
 
 class MetricsCallback:
-    """Appends every log and evaluation to metrics.jsonl (TensorBoard gets them from the Trainer)."""
+    """Appends every log and evaluation to metrics.jsonl (TensorBoard gets them from the Trainer). `extra` is added
+    to each row while set: the evaluation of kept weights after training carries `kept_from_step`, so that a reader
+    does not take it for a second measurement of the last step's weights."""
 
     def __new__(cls, path):
         from transformers import TrainerCallback
 
         class _Metrics(TrainerCallback):
+            extra: dict = {}
+
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if not state.is_world_process_zero or not logs:
                     return
-                row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+                row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs, **self.extra}
                 with open(path, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(row) + "\n")
 
@@ -270,7 +274,12 @@ def run_trainer(job: Job, trainer, model) -> TrainOutcome:
     if kept is not None and kept.step is not None and kept.step != state.global_step:
         kept.restore(model)
         kept_step = kept.step
+        log = [c for c in trainer.callback_handler.callbacks if hasattr(c, "extra")]
+        for c in log:
+            c.extra = {"kept_from_step": kept_step}
         after = _losses(job, trainer)
+        for c in log:
+            c.extra = {}
     per_epoch = sum(r.trained_tokens for r in job.train_rows)
     trained_tokens = int(round(per_epoch * max((state.epoch or 0.0) - start_epoch, 0.0)))
     trainable, total = count_parameters(model)
