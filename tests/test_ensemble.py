@@ -71,7 +71,9 @@ def test_ensemble_pools_the_members_own_probabilities(members, tiny_model_dir, c
         np.mean([-math.log(p[g]) for p, g in zip(pooled, gold)]))
     assert manifest["saved"] == "ensemble" and manifest["training"]["trainable_params"] == 0
     summary_text = "\n".join(printed)
-    assert f"members: {runs['a']}, {runs['b']}, {runs['c']} · method: ensemble" in summary_text
+    assert f"members: {runs['a']}, {runs['b']}, {runs['c']} · method: ensemble (each member in its own precision)" \
+        in summary_text
+    assert "tokens: each member reads the texts" in summary_text and "truncated to max_seq_len" not in summary_text
     for i, member in enumerate(summary["members"]):
         assert f"member {i}" in summary_text and f"validation accuracy {member['validation_accuracy']:.4f}" in \
             summary_text

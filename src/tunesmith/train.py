@@ -58,8 +58,8 @@ def train_run(recipe: Recipe, resume: bool = False, callbacks: list | None = Non
     loss_rows = rng.sample(encoded.train, min(recipe.eval.loss_rows, len(encoded.train)))
     precision = pick_precision(recipe.train.precision)
     members = getattr(recipe.method, "members", None)  # an ensemble: its members bring their own models
-    echo((f"members: {', '.join(members)}" if members else f"model: {source.describe()}") +
-         f" · method: {method.name} ({getattr(recipe.method, 'adapter', '-')}) · "
+    echo(f"members: {', '.join(members)} · method: {method.name} (each member in its own precision)" if members else
+         f"model: {source.describe()} · method: {method.name} ({getattr(recipe.method, 'adapter', '-')}) · "
          f"precision: {precision}" + (" (auto)" if recipe.train.precision == "auto" else ""))
     job = Job(recipe=recipe, run=run, source=source, tokenizer=tokenizer, train_rows=encoded.train,
               validation_rows=encoded.validation, loss_rows=loss_rows, precision=precision, resume=resume,
@@ -192,9 +192,12 @@ def data_summary(counts: dict[str, Any], formatting_rejects: int, train_stats: d
                      + (f" ({reasons})" if reasons else ""))
     lines.append(f"  train {counts['train_rows']} rows · validation {counts['validation_rows']} rows "
                  f"({'from file' if counts['validation_source'] == 'file' else 'held out from train'})")
-    lines.append(f"  tokens: {train_stats['tokens']} ({train_stats['trained_tokens']} trained), length "
-                 f"median {train_stats['length_median']} / max {train_stats['length_max']}; "
-                 f"{train_stats['truncated_rows']} rows truncated to max_seq_len={recipe.train.max_seq_len}")
+    if getattr(recipe.method, "members", None):  # an ensemble: each member reads the texts its own way
+        lines.append("  tokens: each member reads the texts with its own tokenizer, template and max_seq_len")
+    else:
+        lines.append(f"  tokens: {train_stats['tokens']} ({train_stats['trained_tokens']} trained), length "
+                     f"median {train_stats['length_median']} / max {train_stats['length_max']}; "
+                     f"{train_stats['truncated_rows']} rows truncated to max_seq_len={recipe.train.max_seq_len}")
     if formatting_rejects:
         lines.append(f"  {formatting_rejects} rows rejected after formatting (nothing left to train on)")
     lines.append(f"  rejects: {run.rejects}")
