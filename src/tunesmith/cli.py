@@ -114,6 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-model", default=None, metavar="RUN", help="with --results: how often this reward model "
                    "prefers the answer the reviewers preferred")
 
+    p = sub.add_parser("predict", parents=[common], help="label texts with a classifier run (classify, features, "
+                       "ensemble): the most probable labels and their probabilities")
+    p.add_argument("run", help="run folder written by `tunesmith train`")
+    p.add_argument("texts", nargs="*", help="texts to label (or --data)")
+    p.add_argument("--data", default=None, help="label every row of this JSONL, CSV or Parquet file")
+    p.add_argument("--column", default="text", help="the column of --data that holds the text (default text)")
+    p.add_argument("--out", default=None, help="where --data's predictions go (.jsonl, .csv or .parquet; default "
+                   "RUN/predictions/DATA_NAME.jsonl)")
+    p.add_argument("--top", type=int, default=3, help="labels to list per text, most probable first (default 3)")
+    p.add_argument("--batch-size", type=int, default=16)
+
     p = sub.add_parser("export", parents=[common], help="write a standalone model folder")
     p.add_argument("run")
     p.add_argument("--merge", action="store_true", required=True, help="merge the adapter into the base weights")
@@ -248,6 +259,23 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from tunesmith.predict import classifier_predict, describe_file, describe_texts, predict_file, predict_texts
+
+    if bool(args.texts) == bool(args.data):
+        raise TunesmithError("give texts to label or --data FILE (one of the two)",
+                             f"e.g. tunesmith predict {args.run} \"I lost my card\"  or  --data questions.jsonl")
+    if args.top < 1:
+        raise TunesmithError(f"--top {args.top}: give a positive number of labels")
+    classifier_predict(args.run)  # a wrong run fails before torch loads
+    _quiet_libraries()
+    if args.data:
+        print(describe_file(predict_file(args.run, args.data, args.column, args.out, args.top, args.batch_size)))
+    else:
+        print(describe_texts(args.texts, predict_texts(args.run, args.texts, args.top, args.batch_size)))
+    return 0
+
+
 def cmd_compare(args) -> int:
     from tunesmith.compare import CompareOptions, run_compare
 
@@ -343,5 +371,5 @@ def _quiet_libraries() -> None:
 
 COMMANDS = {"init": cmd_init, "validate": cmd_validate, "train": cmd_train, "data": cmd_data,
             "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "score": cmd_score, "report": cmd_report,
-            "review": cmd_review, "export": cmd_export, "compare": cmd_compare,
+            "review": cmd_review, "export": cmd_export, "compare": cmd_compare, "predict": cmd_predict,
             "methods": cmd_methods}

@@ -71,8 +71,8 @@ def _refuse_classifier(run) -> None:
     method = REGISTRY.get(name)
     if method is not None and method.predict is not None:
         raise RunError(f"{run.root}: `method: {name}` made a classifier: it answers with labels, not text",
-                       f"score texts with `tunesmith eval {run.root} --data FILE` (the predictions go to "
-                       "eval/…/examples.jsonl)")
+                       f"label texts with `tunesmith predict {run.root} TEXT …` (or `--data FILE`); measure it on "
+                       f"labelled rows with `tunesmith eval {run.root} --data FILE`")
 
 
 def _prompting_context(run) -> list[dict[str, str]]:

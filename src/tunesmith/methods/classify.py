@@ -586,7 +586,7 @@ def export(run_dir: str | Path, out: Path) -> Path:
     head = next((name for name in HEADS if hasattr(model, name)), None)
     if head is None:
         raise RunError(f"{run.root}: {type(model).__name__} has no `score` or `classifier` head to export",
-                       "score texts with `tunesmith eval RUN --data FILE` instead")
+                       "label texts with `tunesmith predict RUN TEXT …` instead")
     info = {"labels": loaded.labels, "pooling": loaded.pooling, "template": loaded.template,
             "padding_side": loaded.collate.side, "max_length": loaded.max_len, "head": head,
             "run": str(run.root)}

@@ -1,0 +1,138 @@
+"""`tunesmith predict`: label texts with a classifier run (classify, features, ensemble).
+
+The texts come from the command line or from every row of a data file (JSONL, CSV, Parquet, a saved `datasets`
+folder); each gets its most probable label and the top labels with their probabilities, from the run's own
+`predict` (its head, template and pooling, or its scikit-learn classifier, or its members pooled). A row without a
+usable text goes to a rejects file with its reason, and the counts are printed. Read top to bottom: which runs can
+predict, predicting texts, predicting a file.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tunesmith.artifacts import open_run
+from tunesmith.errors import DataError, RunError
+
+PREDICTIONS = "predictions"  # RUN/predictions/FILE.jsonl unless --out says otherwise
+
+
+def classifier_predict(run_path: str | Path) -> Callable[..., list[dict[str, float]]]:
+    """The run's `predict(run_dir, texts, batch_size, progress=…)`; a RunError naming what to use instead for a run
+    that is not a classifier."""
+    from tunesmith.methods import REGISTRY
+
+    run = open_run(run_path)
+    if not run.manifest.exists():
+        raise RunError(f"{run.root}: no manifest.json — the run did not finish", "train it to the end first")
+    name = run.read_manifest().get("method", "")
+    method = REGISTRY.get(name)
+    if name == "reward":
+        raise RunError(f"{run.root}: a reward model scores replies to a prompt; it has no labels",
+                       f"score replies with `tunesmith score {run.root} PROMPT REPLY …`")
+    if method is None or method.predict is None:
+        raise RunError(f"{run.root}: `method: {name}` made a text generator, not a classifier",
+                       f"answer prompts with `tunesmith generate {run.root} PROMPT`; to score a fixed set of labels "
+                       f"on labelled rows use `tunesmith eval {run.root} --data FILE`")
+    return method.predict
+
+
+def ranked(probabilities: dict[str, float], top: int) -> dict[str, Any]:
+    """The most probable label, its probability, and the `top` labels with theirs (most probable first)."""
+    order = sorted(probabilities.items(), key=lambda kv: -kv[1])
+    return {"label": order[0][0], "probability": order[0][1],
+            "top": [{"label": label, "probability": p} for label, p in order[:max(top, 1)]]}
+
+
+def predict_texts(run_path: str | Path, texts: list[str], top: int = 3, batch_size: int = 16,
+                  progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """One `ranked` answer per text, in order."""
+    predict = classifier_predict(run_path)
+    if not texts:
+        return []
+    return [ranked(p, top) for p in predict(run_path, texts, batch_size=batch_size, progress=progress)]
+
+
+@dataclass
+class FilePredictions:
+    """What `predict_file` did: where the predictions and rejects went, and the counts."""
+
+    out: Path
+    rejects_file: Path | None
+    rows_read: int
+    predicted: int
+    rejects: int
+    reasons: Counter = field(default_factory=Counter)
+    labels: Counter = field(default_factory=Counter)
+
+
+def predict_file(run_path: str | Path, data: str | Path, column: str = "text", out: str | Path | None = None,
+                 top: int = 3, batch_size: int = 16) -> FilePredictions:
+    """Label every row of `data` by its `column`; write one line per row (file, line, the row's other columns under
+    `row`, text, label, probability, top) to `out` (JSONL, CSV or Parquet by its suffix; default RUN/predictions/DATA_NAME.jsonl) and the unusable
+    rows with their reasons to OUT_NAME.rejects.jsonl beside it."""
+    from tqdm.auto import tqdm
+
+    from tunesmith.data.readers import write_rows
+    from tunesmith.data.records import load_records, write_rejects
+
+    predict = classifier_predict(run_path)
+    data = Path(data)
+    if not data.exists():
+        raise DataError(f"{data}: no such file", "give a JSONL, CSV or Parquet file, or a saved `datasets` folder")
+    out = Path(out) if out else open_run(run_path).root / PREDICTIONS / f"{data.stem}.jsonl"
+    loaded = load_records(data, fmt="text", columns={"text": column})
+    if not loaded.records and loaded.rejects:
+        first = loaded.rejects[0]
+        raise DataError(f"{data}: no row has a usable {column!r} column (line {first['line']}: {first['reason']})",
+                        "name the column that holds the text with --column")
+    texts = [r.data["text"] for r in loaded.records]
+    bar = tqdm(total=len(texts), desc="predicting", unit="row", leave=False)
+    answers = predict(run_path, texts, batch_size=batch_size, progress=bar.update) if texts else []
+    bar.close()
+    rows = [{"file": r.source, "line": r.line, **_other_columns(r.raw, column), "text": r.data["text"],
+             **ranked(p, top)} for r, p in zip(loaded.records, answers)]
+    write_rows(rows, out)
+    rejects_file = None
+    if loaded.rejects:
+        rejects_file = out.with_name(f"{out.stem}.rejects.jsonl")
+        write_rejects(loaded.rejects, rejects_file)
+    return FilePredictions(out, rejects_file, loaded.rows_read, len(rows), len(loaded.rejects), loaded.reasons(),
+                           Counter(row["label"] for row in rows))
+
+
+def _other_columns(raw: dict[str, Any] | None, column: str) -> dict[str, Any]:
+    """The input row's other columns (an id, a gold label), under `row`, so the predictions join back to it."""
+    other = {k: v for k, v in (raw or {}).items() if k != column}
+    return {"row": other} if other else {}
+
+
+def describe_file(result: FilePredictions) -> str:
+    """The lines `tunesmith predict --data` prints: counts, the labels given, where everything went."""
+    reasons = ", ".join(f"{k} ×{v}" for k, v in result.reasons.items())
+    lines = [f"{result.rows_read} rows read, {result.predicted} labelled, {result.rejects} rejected"
+             + (f" ({reasons})" if reasons else "")]
+    common = result.labels.most_common(10)
+    if common:
+        rest = len(result.labels) - len(common)
+        lines.append("labels: " + ", ".join(f"{label} ×{n}" for label, n in common)
+                     + (f", and {rest} more" if rest > 0 else ""))
+    lines.append(f"predictions: {result.out}")
+    if result.rejects_file is not None:
+        lines.append(f"rejects: {result.rejects_file}")
+    return "\n".join(lines)
+
+
+def describe_texts(texts: list[str], answers: list[dict[str, Any]]) -> str:
+    """One line per text: label, probability, the runners-up, and the text (shortened)."""
+    width = max(len(a["label"]) for a in answers)
+    lines = []
+    for text, a in zip(texts, answers):
+        others = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in a["top"][1:])
+        text = " ".join(text.split())
+        lines.append(f"{a['label']:<{width}}  {a['probability']:.3f}  {text[:80] + ('…' if len(text) > 80 else '')}"
+                     + (f"  (then {others})" if others else ""))
+    return "\n".join(lines)
