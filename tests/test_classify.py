@@ -686,7 +686,7 @@ def readme_snippet(folder) -> str:
 
 @pytest.mark.parametrize("kind", ["llama-lora-template", "llama-full", "bert-mean-dora"])
 def test_export_writes_a_classifier_that_plain_transformers_reads_as_predict_does(
-        tmp_path, kind, tiny_model_dir, tiny_sentence_bert_dir):
+        tmp_path, kind, tiny_model_dir, tiny_sentence_bert_dir, capsys):
     """`tunesmith export` of a classify run: the adapter merged in, labels in the config; running the exported
     README's own code on that folder (template, pooling) gives predict()'s probabilities, to 1e-5."""
     from transformers import AutoConfig
@@ -716,6 +716,12 @@ def test_export_writes_a_classifier_that_plain_transformers_reads_as_predict_doe
         got.append(scope["probabilities"][0].numpy())
     assert np.allclose(np.array(got), expected, atol=1e-5)
     assert np.abs(expected[:, 0] - 0.5).max() > 1e-3  # the head answers something: a wrong export would show
+    if kind == "llama-full":  # the command line says what it wrote and how to read it
+        from tunesmith.cli import main
+
+        assert main(["export", str(tmp_path / "run"), "--merge", "--out", str(out)]) == 2  # not over a folder
+        assert main(["export", str(tmp_path / "run"), "--merge", "--out", str(out), "--overwrite"]) == 0
+        assert "wrote merged classifier to" in capsys.readouterr().out
 
 
 def test_export_refuses_an_adapter_it_cannot_merge_and_a_features_run(tmp_path, tiny_model_dir):
