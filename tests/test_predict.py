@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import pytest
 
@@ -81,15 +82,8 @@ def test_a_file_is_labelled_row_by_row_and_unusable_rows_go_to_rejects(classifie
     assert [w["row"] for w in written] == [{"id": 1}, {"id": 4}]  # the other columns, to join the answers back
 
 
-def test_not_a_classifier_and_bad_arguments_exit_2(classifier_runs, tmp_path, tiny_model_dir):
-    from test_classify import make_recipe
-    from tunesmith.train import train_run
-
+def test_bad_arguments_exit_2(classifier_runs, tmp_path):
     _, _, runs = classifier_runs
-    sft = make_recipe(tmp_path, tiny_model_dir, {"name": "sft", "adapter": "lora"}, name="sft", precision="fp32")
-    train_run(sft, echo=lambda s: None)
-    code, _, err = call("predict", str(tmp_path / "sft"), "hello")
-    assert code == 2 and "`method: sft` made a text generator" in err and "tunesmith generate" in err
     code, _, err = call("predict", str(runs["a"]))
     assert code == 2 and "give texts to label or --data FILE" in err
     code, _, err = call("predict", str(runs["a"]), "x", "--data", "y.jsonl")
@@ -102,3 +96,62 @@ def test_not_a_classifier_and_bad_arguments_exit_2(classifier_runs, tmp_path, ti
     code, _, err = call("predict", str(tmp_path / "missing-run"), "x")
     assert code == 2 and "no such run folder" in err
     assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def answering_runs(tmp_path_factory, tiny_model_dir, classifier_runs):
+    """An sft run trained on the classification rows (label = the answer) and a fewshot run, with eval's answers
+    on the held-out file."""
+    from test_classify import make_recipe
+    from tunesmith.evaluation.runner import EvalOptions, evaluate_run
+    from tunesmith.train import train_run
+
+    tmp = tmp_path_factory.mktemp("answering")
+    _, held_out, _ = classifier_runs
+    runs = {}
+    for name, method, settings in (
+            ("sft", {"name": "sft", "adapter": "lora"}, {"max_steps": 60, "learning_rate": 1e-2}),
+            ("fewshot", {"name": "fewshot", "shots": 2}, {})):
+        recipe = make_recipe(tmp, tiny_model_dir, method, name=name, precision="fp32",
+                             data={"validation": str(held_out), "system_prompt": "Answer pos or neg."}, **settings)
+        train_run(recipe, echo=lambda s: None)
+        results = evaluate_run(tmp / name, EvalOptions(against=(), forgetting=False, n_resamples=10),
+                               echo=lambda s: None)
+        runs[name] = (tmp / name, [json.loads(x) for x in
+                                   (Path(results["folder"]) / "examples.jsonl").read_text().splitlines()])
+    return runs
+
+
+@pytest.mark.parametrize("name", ["sft", "fewshot"])
+def test_a_run_that_answers_in_text_chooses_among_its_trained_labels_as_eval_does(answering_runs, name):
+    """Generative classification: the labels default to the trained ones, the probabilities are normalized over
+    them, and the choice is eval's for the same rows (same system prompt, same shots)."""
+    from tunesmith.predict import predict_texts
+
+    run, examples = answering_runs[name]
+    texts = [e["input"] for e in examples]
+    answers = predict_texts(run, texts, top=2)
+    assert [a["label"] for a in answers] == [e["tuned"]["pred"] for e in examples]
+    assert all(sorted(t["label"] for t in a["top"]) == ["neg", "pos"] for a in answers)
+    assert all(sum(t["probability"] for t in a["top"]) == pytest.approx(1.0) for a in answers)
+    if name == "sft":
+        assert len({a["label"] for a in answers}) == 2  # it answers both ways: the agreement with eval means something
+    three = predict_texts(run, texts[:2], top=3, labels=["pos", "neg", "maybe"])
+    assert all(sorted(t["label"] for t in a["top"]) == ["maybe", "neg", "pos"] for a in three)
+
+
+def test_labels_are_refused_for_a_classifier_and_required_for_a_generator_without_them(classifier_runs, tmp_path,
+                                                                                       tiny_model_dir):
+    from test_classify import make_recipe
+    from tunesmith.train import train_run
+
+    _, _, runs = classifier_runs
+    code, _, err = call("predict", str(runs["a"]), "x", "--labels", "pos,neg")
+    assert code == 2 and "`classify` classifier" in err and "leave --labels out" in err
+    text_run = make_recipe(tmp_path, tiny_model_dir, {"name": "pretrain"}, name="lm", precision="fp32",
+                           rows=[{"text": f"plain text number {i} about the garden"} for i in range(12)])
+    train_run(text_run, echo=lambda s: None)
+    code, _, err = call("predict", str(tmp_path / "lm"), "x")
+    assert code == 2 and "not trained on classification rows" in err and "--labels A,B" in err
+    code, stdout, err = call("predict", str(tmp_path / "lm"), "the garden", "--labels", "yes,no")
+    assert code == 0 and stdout.split()[0] in ("yes", "no"), err

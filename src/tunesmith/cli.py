@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-model", default=None, metavar="RUN", help="with --results: how often this reward model "
                    "prefers the answer the reviewers preferred")
 
-    p = sub.add_parser("predict", parents=[common], help="label texts with a classifier run (classify, features, "
-                       "ensemble): the most probable labels and their probabilities")
+    p = sub.add_parser("predict", parents=[common], help="label texts with a run: a classifier's (classify, features, "
+                       "ensemble) or a text generator's answer among allowed labels, with probabilities")
     p.add_argument("run", help="run folder written by `tunesmith train`")
     p.add_argument("texts", nargs="*", help="texts to label (or --data)")
     p.add_argument("--data", default=None, help="label every row of this JSONL, CSV or Parquet file")
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where --data's predictions go (.jsonl, .csv or .parquet; default "
                    "RUN/predictions/DATA_NAME.jsonl)")
     p.add_argument("--top", type=int, default=3, help="labels to list per text, most probable first (default 3)")
+    p.add_argument("--labels", default=None, help="for a run that answers in text (sft, fewshot, …): the answers to "
+                   "choose from, comma-separated (default: the labels of the classification rows it trained on)")
     p.add_argument("--batch-size", type=int, default=16)
 
     p = sub.add_parser("export", parents=[common], help="write a standalone model folder")
@@ -260,19 +262,23 @@ def cmd_score(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from tunesmith.predict import classifier_predict, describe_file, describe_texts, predict_file, predict_texts
+    from tunesmith.predict import describe_file, describe_texts, predict_file, predict_texts
 
     if bool(args.texts) == bool(args.data):
         raise TunesmithError("give texts to label or --data FILE (one of the two)",
                              f"e.g. tunesmith predict {args.run} \"I lost my card\"  or  --data questions.jsonl")
     if args.top < 1:
         raise TunesmithError(f"--top {args.top}: give a positive number of labels")
-    classifier_predict(args.run)  # a wrong run fails before torch loads
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
+    if args.labels is not None and not labels:
+        raise TunesmithError(f"--labels {args.labels!r}: no labels", "e.g. --labels positive,negative")
     _quiet_libraries()
     if args.data:
-        print(describe_file(predict_file(args.run, args.data, args.column, args.out, args.top, args.batch_size)))
+        print(describe_file(predict_file(args.run, args.data, args.column, args.out, args.top, args.batch_size,
+                                         labels)))
     else:
-        print(describe_texts(args.texts, predict_texts(args.run, args.texts, args.top, args.batch_size)))
+        print(describe_texts(args.texts, predict_texts(args.run, args.texts, args.top, args.batch_size,
+                                                       labels=labels)))
     return 0
 
 
