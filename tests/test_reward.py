@@ -271,3 +271,31 @@ def test_group_by_length_reaches_the_reward_trainer(tmp_path, tiny_model_dir):
     padding = {grouped: epoch_padding(make_recipe(tmp_path, tiny_model_dir, name=f"rm-{grouped}", rows=rows,
                                                   group_by_length=grouped, max_steps=1)) for grouped in (False, True)}
     assert padding[True] < padding[False] / 1.5  # measured 394 against 770; the rest is chosen vs rejected length
+
+
+def test_export_writes_a_reward_model_that_plain_transformers_scores_as_tunesmith_does(tmp_path, tiny_model_dir):
+    """The LoRA merged into a one-output sequence classifier; the exported README's own code gives
+    `RewardModel.score` for each reply (to 1e-4), including one longer than max_seq_len (its end is kept)."""
+    from transformers import AutoConfig
+
+    from tunesmith.generate import export_merged
+    from tunesmith.methods.reward import load_reward_model
+
+    train_run(make_recipe(tmp_path, tiny_model_dir, precision="fp32", max_steps=4, learning_rate=1e-2),
+              echo=lambda _: None)
+    out = export_merged(tmp_path / "rm", tmp_path / "exported")
+    assert AutoConfig.from_pretrained(out).num_labels == 1 and not list(out.glob("adapter*"))
+    readme = (out / "README.md").read_text()
+    assert "Note:" not in readme  # this tokenizer's plain chat template gives the trained tokens
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    prompt = "Tell me about apples."
+    replies = ["Yes, gladly: apples are nice.", "No. apples.", " ".join(["apples are very nice indeed"] * 20)]
+    expected = load_reward_model(tmp_path / "rm", precision="fp32").score([[{"role": "user", "content": prompt}]] * 3,
+                                                                         replies)
+    got = []
+    for reply in replies:
+        scope = {"FOLDER": str(out), "prompt": prompt, "reply": reply}
+        exec(code, scope)
+        got.append(scope["reward"])
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert abs(expected[0] - expected[1]) > 1e-3  # different replies score differently: a wrong export would show

@@ -137,18 +137,21 @@ def chat_loop(loaded: Loaded, read: Callable[[str], str] = input, write: Callabl
 
 
 def export_merged(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write a standalone model folder (weights, tokenizer, generation config), the adapter merged in; a classify
-    run becomes a sequence-classification folder (methods/classify.py `export`). Other classifier runs are refused.
+    """Write a standalone model folder (weights, tokenizer, generation config), the adapter merged in; a classify or
+    reward run becomes a sequence-classification folder (its method's `export`). Other classifier runs are refused.
 
     Adapters that can't be merged exactly (qlora, prefix, prompt, bottleneck) raise a RunError saying why, before
     anything is loaded.
     """
     from tunesmith.methods.adapters import check_mergeable, merge_for_export, run_adapter
 
+    from tunesmith.methods import REGISTRY
+
     run = open_run(path)
     manifest = run.read_manifest()
-    classifier = manifest.get("method") == "classify"
-    if not classifier:
+    method = REGISTRY.get(manifest.get("method", ""))
+    standalone = method.export if method is not None else None  # a classifier that stands alone (classify, reward)
+    if standalone is None:
         _refuse_classifier(run)
     if manifest["saved"] == "none":
         raise RunError(f"{run.root}: a {manifest['method']} run has no trained weights to export",
@@ -156,10 +159,8 @@ def export_merged(path: str | Path, out: str | Path, overwrite: bool = False) ->
     adapter = run_adapter(run, manifest).adapter
     check_mergeable(adapter)
     out = _fresh_folder(Path(out), overwrite)
-    if classifier:
-        from tunesmith.methods import classify
-
-        return classify.export(run.root, out)
+    if standalone is not None:
+        return standalone(run.root, out)
     loaded = load_run(path)
     model = merge_for_export(loaded.model, adapter)
     model.save_pretrained(out)

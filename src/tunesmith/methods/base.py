@@ -18,6 +18,8 @@ class Method:
     gives each evaluation row's in-context examples, `fixed()` those generate and chat put before a conversation.
     `check(method, train, data)` lists the settings this method can't honour, in recipe wording; the recipe loader
     runs it, so `tunesmith validate` reports them before anything is loaded (`data` may be None when invalid).
+    `export(run_dir, out)`, for classifier runs that can stand alone as a transformers model (classify, reward),
+    writes that folder; `tunesmith export` refuses the other classifiers and merges the generators.
     """
 
     name: str
@@ -30,6 +32,7 @@ class Method:
     prompting: Callable[..., Any] | None = None  # runs that prompt the base model instead of training: run dir -> shots
     check: Callable[..., list[str]] | None = None  # (method, train, data sections) -> what the recipe alone gets wrong
     metrics: tuple[str, ...] = ("loss",)  # validation metrics its training measures (keep_best, early stopping)
+    export: Callable[..., Any] | None = None  # (run dir, out folder) -> out: a classifier as a standalone folder
 
 
 @dataclass

@@ -561,12 +561,13 @@ def predict(run_dir: str | Path, texts: list[str], batch_size: int = 16, precisi
 EXPORT_INFO = "tunesmith_classifier.json"
 
 
-def export(run_dir: str | Path, out: Path) -> Path:
+def export(run_dir: str | Path, out: Path, readme: Callable[[dict[str, Any], Any], str] | None = None) -> Path:
     """Write the run's classifier to `out` as a plain transformers sequence-classification folder: the adapter
     merged into the base (a RunError before loading where that isn't exact), the labels in config.json's
     id2label/label2id, the tokenizer padding on the side the head expects, and `tunesmith_classifier.json` plus a
     README.md saying how to read it — the template each text goes into, and for `pooling: mean` that the logits are
-    the head applied to the masked mean of the last hidden states (no transformers class pools that way)."""
+    the head applied to the masked mean of the last hidden states (no transformers class pools that way).
+    `readme(info, tokenizer)` writes README.md for other kinds of classifier (a reward model)."""
     from tunesmith.artifacts import open_run, write_json
     from tunesmith.errors import RunError
     from tunesmith.methods.adapters import check_mergeable, merge_for_export, run_adapter
@@ -591,11 +592,11 @@ def export(run_dir: str | Path, out: Path) -> Path:
             "padding_side": loaded.collate.side, "max_length": loaded.max_len, "head": head,
             "run": str(run.root)}
     write_json(out / EXPORT_INFO, info)
-    (out / "README.md").write_text(_export_readme(info), encoding="utf-8")
+    (out / "README.md").write_text((readme or _export_readme)(info, loaded.tokenizer), encoding="utf-8")
     return out
 
 
-def _export_readme(info: dict[str, Any]) -> str:
+def _export_readme(info: dict[str, Any], tokenizer=None) -> str:
     """How to read an exported classifier with plain transformers (README.md of the exported folder)."""
     text = (f"TEMPLATE = {json.dumps(info['template'])}  # the prompt each text was put in\n"
             'text = TEMPLATE.replace("{text}", text)'
@@ -644,4 +645,5 @@ METHOD = Method(
     encode=encode_labelled,
     check=padded_batches("each row is classified on its own, so batches are padded"),
     metrics=("loss", "accuracy"),
+    export=export,
 )

@@ -284,6 +284,48 @@ def score_pairs(run_dir: str | Path, records, system_prompt: str | None = None, 
     return scores[:len(pairs)], scores[len(pairs):]
 
 
+# ----------------------------------------------------------------------------------------------- export
+
+
+def export(run_dir: str | Path, out: Path) -> Path:
+    """The reward model as a plain one-output sequence-classification folder (classify.export), with a README.md
+    whose code scores a conversation as `score_conversations` does."""
+    from tunesmith.methods.classify import export as export_classifier
+
+    return export_classifier(run_dir, out, readme=_export_readme)
+
+
+def _export_readme(info: dict[str, Any], tokenizer) -> str:
+    """How to score a conversation with the exported reward model; says so where this tokenizer's plain chat
+    template tokens differ from what the model was trained on (tunesmith adds a missing BOS or end of turn)."""
+    from tunesmith.data.format import render
+
+    sample = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hi, how can I help?"}]
+    plain = tokenizer(render(tokenizer, sample), add_special_tokens=False)["input_ids"]
+    differs = list(plain) != encode_chat(tokenizer, sample)[0]
+    warning = ("\n**Note:** for this tokenizer tunesmith adds tokens the plain chat template lacks (a BOS token or "
+               "an end-of-turn token after each reply); add them the same way or scores will differ.\n"
+               if differs else "")
+    return f"""# Reward model exported by tunesmith
+
+From the run `{info['run']}`: one output, the reward of a conversation's last assistant reply (higher = preferred),
+adapter merged into the weights. Below, `FOLDER` is this folder's path and `prompt`, `reply` the texts to score.
+{warning}
+```python
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+model = AutoModelForSequenceClassification.from_pretrained(FOLDER).eval()
+tokenizer = AutoTokenizer.from_pretrained(FOLDER)
+conversation = [{{"role": "user", "content": prompt}}, {{"role": "assistant", "content": reply.strip()}}]
+text = tokenizer.apply_chat_template(conversation, tokenize=False)
+ids = tokenizer(text, add_special_tokens=False)["input_ids"][-{info['max_length']}:]  # trained on the last {info['max_length']} tokens
+with torch.no_grad():
+    reward = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+```
+"""
+
+
 METHOD = Method(
     name="reward",
     summary="a reward model from preference pairs (prompt, chosen, rejected), with any adapter",
@@ -293,4 +335,5 @@ METHOD = Method(
     encode=encode_pairs,
     check=padded_batches("each conversation is scored on its own, so batches are padded"),
     metrics=("loss", "accuracy"),
+    export=export,
 )
