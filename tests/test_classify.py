@@ -262,7 +262,8 @@ def tiny_bert_dir(tmp_path_factory):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "was", "on", "day", "felt", *WORDS,
              "wonderful", "terrible", "a", *letters, *(f"##{c}" for c in letters)]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    # transformers 5 ignores `vocab_file=` here (every word would be [UNK]); the vocabulary goes in as a dict
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
@@ -684,7 +685,8 @@ def readme_snippet(folder) -> str:
     return text.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-@pytest.mark.parametrize("kind", ["llama-lora-template", "llama-full", "bert-mean-dora"])
+@pytest.mark.parametrize("kind", ["llama-lora-template", "llama-full", "bert-mean-dora", "bert-features",
+                                  "bert-features-binary-svm"])
 def test_export_writes_a_classifier_that_plain_transformers_reads_as_predict_does(
         tmp_path, kind, tiny_model_dir, tiny_sentence_bert_dir, capsys):
     """`tunesmith export` of a classify run: the adapter merged in, labels in the config; running the exported
@@ -693,10 +695,14 @@ def test_export_writes_a_classifier_that_plain_transformers_reads_as_predict_doe
 
     from tunesmith.generate import export_merged
     from tunesmith.methods.classify import EXPORT_INFO, predict
+    from tunesmith.methods.features import predict as features_predict
 
     model_dir, adapter = {"llama-lora-template": (tiny_model_dir, "lora"), "llama-full": (tiny_model_dir, "full"),
-                          "bert-mean-dora": (tiny_sentence_bert_dir, "dora")}[kind]
+                          "bert-mean-dora": (tiny_sentence_bert_dir, "dora")}.get(kind, (tiny_sentence_bert_dir, None))
     method = {"name": "classify", "adapter": adapter}
+    if adapter is None:  # the linear classifier folded into the head
+        method = {"name": "features", "pooling": "mean",
+                  **({"classifier": "linear_svm"} if kind.endswith("svm") else {})}
     if kind.endswith("template"):
         method["template"] = "Say: {text}\nAnswer:"
     recipe = make_recipe(tmp_path, model_dir, method, precision="fp32", learning_rate=1e-2)
@@ -708,7 +714,8 @@ def test_export_writes_a_classifier_that_plain_transformers_reads_as_predict_doe
     assert info["template"] == method.get("template") and info["labels"] == ["neg", "pos"]
     assert AutoConfig.from_pretrained(out).id2label == {0: "neg", 1: "pos"}
     assert not list(out.glob("adapter*")) and (out / "model.safetensors").exists()
-    expected = np.array([[p["neg"], p["pos"]] for p in predict(tmp_path / "run", PROBES, precision="fp32")])
+    own = features_predict if adapter is None else predict
+    expected = np.array([[p["neg"], p["pos"]] for p in own(tmp_path / "run", PROBES, precision="fp32")])
     got = []
     for text in PROBES:
         scope = {"FOLDER": str(out), "text": text}
@@ -724,8 +731,9 @@ def test_export_writes_a_classifier_that_plain_transformers_reads_as_predict_doe
         assert "wrote merged classifier to" in capsys.readouterr().out
 
 
-def test_export_refuses_an_adapter_it_cannot_merge_and_a_features_run(tmp_path, tiny_model_dir):
-    """Prompt tuning has no weights to merge into: refused before any folder is written; so is a features run."""
+def test_export_refuses_an_adapter_it_cannot_merge_and_a_features_run_on_a_headless_bias(tmp_path, tiny_model_dir):
+    """Prompt tuning has no weights to merge into: refused before any folder is written. A features run on a Llama
+    can't be folded into its bias-free `score` head: refused too."""
     from tunesmith.errors import RunError
     from tunesmith.generate import export_merged
 
@@ -735,6 +743,6 @@ def test_export_refuses_an_adapter_it_cannot_merge_and_a_features_run(tmp_path, 
         export_merged(tmp_path / "run", tmp_path / "exported")
     train_run(make_recipe(tmp_path, tiny_model_dir, {"name": "features"}, name="feat", precision="fp32"),
               echo=lambda s: None)
-    with pytest.raises(RunError, match="`method: features` made a classifier"):
+    with pytest.raises(RunError, match="no bias to hold the linear classifier's intercept"):  # Llama's `score`
         export_merged(tmp_path / "feat", tmp_path / "exported")
-    assert not (tmp_path / "exported").exists()
+    assert not list((tmp_path / "exported").glob("*.safetensors"))

@@ -563,13 +563,9 @@ EXPORT_INFO = "tunesmith_classifier.json"
 
 def export(run_dir: str | Path, out: Path, readme: Callable[[dict[str, Any], Any], str] | None = None) -> Path:
     """Write the run's classifier to `out` as a plain transformers sequence-classification folder: the adapter
-    merged into the base (a RunError before loading where that isn't exact), the labels in config.json's
-    id2label/label2id, the tokenizer padding on the side the head expects, and `tunesmith_classifier.json` plus a
-    README.md saying how to read it — the template each text goes into, and for `pooling: mean` that the logits are
-    the head applied to the masked mean of the last hidden states (no transformers class pools that way).
+    merged into the base (a RunError before loading where that isn't exact); see `write_classifier`.
     `readme(info, tokenizer)` writes README.md for other kinds of classifier (a reward model)."""
-    from tunesmith.artifacts import open_run, write_json
-    from tunesmith.errors import RunError
+    from tunesmith.artifacts import open_run
     from tunesmith.methods.adapters import check_mergeable, merge_for_export, run_adapter
 
     run = open_run(run_dir)
@@ -577,22 +573,36 @@ def export(run_dir: str | Path, out: Path, readme: Callable[[dict[str, Any], Any
     check_mergeable(adapter)
     loaded = load_classifier(run.root, "fp32", cache=False)
     model = merge_for_export(loaded.model, adapter)
-    model.config.id2label = dict(enumerate(loaded.labels))
-    model.config.label2id = {label: i for i, label in enumerate(loaded.labels)}
-    model.config.pad_token_id = loaded.collate.pad_id
-    model.config.use_cache = True
-    model.save_pretrained(out)
-    loaded.tokenizer.padding_side = loaded.collate.side
-    loaded.tokenizer.save_pretrained(out)
+    return write_classifier(model, loaded.tokenizer, out, run.root, loaded.labels, pooling=loaded.pooling,
+                            template=loaded.template, side=loaded.collate.side, max_len=loaded.max_len,
+                            readme=readme)
+
+
+def write_classifier(model, tokenizer, out: Path, run_root: Path, labels: list[str], pooling: str,
+                     template: str | None, side: str, max_len: int,
+                     readme: Callable[[dict[str, Any], Any], str] | None = None) -> Path:
+    """Save a sequence-classification model to `out` with the labels in config.json's id2label/label2id, the
+    tokenizer padding on the side the head expects, and `tunesmith_classifier.json` plus a README.md saying how to
+    read it — the template each text goes into, and for `pooling: mean` that the logits are the head applied to
+    the masked mean of the last hidden states (no transformers class pools that way)."""
+    from tunesmith.artifacts import write_json
+    from tunesmith.errors import RunError
+
     head = next((name for name in HEADS if hasattr(model, name)), None)
     if head is None:
-        raise RunError(f"{run.root}: {type(model).__name__} has no `score` or `classifier` head to export",
+        raise RunError(f"{run_root}: {type(model).__name__} has no `score` or `classifier` head to export",
                        "label texts with `tunesmith predict RUN TEXT …` instead")
-    info = {"labels": loaded.labels, "pooling": loaded.pooling, "template": loaded.template,
-            "padding_side": loaded.collate.side, "max_length": loaded.max_len, "head": head,
-            "run": str(run.root)}
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {label: i for i, label in enumerate(labels)}
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = True
+    model.save_pretrained(out)
+    tokenizer.padding_side = side
+    tokenizer.save_pretrained(out)
+    info = {"labels": list(labels), "pooling": pooling, "template": template, "padding_side": side,
+            "max_length": max_len, "head": head, "run": str(run_root)}
     write_json(out / EXPORT_INFO, info)
-    (out / "README.md").write_text((readme or _export_readme)(info, loaded.tokenizer), encoding="utf-8")
+    (out / "README.md").write_text((readme or _export_readme)(info, tokenizer), encoding="utf-8")
     return out
 
 

@@ -285,6 +285,56 @@ def predict(run_dir: str | Path, texts: list[str], batch_size: int = 16, precisi
     return out
 
 
+# ----------------------------------------------------------------------------------------------- export
+
+
+def export(run_dir: str | Path, out: Path) -> Path:
+    """The frozen model with the linear classifier folded into a sequence-classification head (standardization in
+    the weights; a binary classifier's one margin as a second row; labels it never saw get bias -1e4), written by
+    classify.write_classifier. Mean pooling and a decoder's last token export; an encoder read at its last token
+    has no plain form, and a head without a bias (Llama's `score`) can't hold the intercept: both are refused."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tunesmith.artifacts import open_run
+    from tunesmith.errors import RunError
+    from tunesmith.methods.classify import label_head, padding_side, write_classifier
+    from tunesmith.model import resolve_model
+
+    run = open_run(run_dir)
+    clf, meta = load_linear(run.root / "classifier")
+    recipe = run.read_recipe()
+    source = resolve_model(recipe["model"]["name"], recipe["model"].get("cache_dir"))
+    labels = meta["labels"]
+    model = AutoModelForSequenceClassification.from_pretrained(source.path, gguf_file=source.gguf_file,
+                                                               num_labels=len(labels), dtype=torch.float32)
+    side = padding_side(model.config)
+    pooling = "mean" if meta["pooling"] == "mean" else "model"
+    if meta["pooling"] == "last" and side != "left":
+        raise RunError(f"{run.root}: a `features` run that reads an encoder's last token has no plain "
+                       "transformers form (its head would read the [CLS] pooler)",
+                       "train it with method.pooling: mean, or label texts with `tunesmith predict`")
+    weight = np.zeros((len(labels), clf.coef.shape[1]))
+    bias = np.full(len(labels), -1e4)  # labels the classifier never saw: probability ~0, as predict gives 0
+    coef, intercept = clf.coef / clf.scale, clf.intercept - (clf.coef / clf.scale) @ clf.mean
+    if coef.shape[0] == 1:  # binary: scores = softmax([0, margin])
+        coef, intercept = np.stack([np.zeros_like(coef[0]), coef[0]]), np.array([0.0, intercept[0]])
+    weight[clf.class_ids], bias[clf.class_ids] = coef, intercept
+    head = label_head(model, "export", "method.pooling: mean")
+    if head.bias is None:
+        raise RunError(f"{run.root}: {type(model).__name__}'s label head has no bias to hold the linear classifier's "
+                       "intercept, so the classifier can't be folded into it",
+                       f"label texts with `tunesmith predict {run.root} TEXT …`; or train `method: classify`, whose "
+                       "head is the model's own")
+    with torch.no_grad():
+        head.weight.copy_(torch.as_tensor(weight, dtype=head.weight.dtype))
+        head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))
+    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
+    return write_classifier(model, tokenizer, out, run.root, labels, pooling=pooling, template=meta.get("template"),
+                            side=side, max_len=recipe["train"]["max_seq_len"])
+
+
 METHOD = Method(
     name="features",
     summary="a frozen model's pooled embeddings + a linear classifier (logistic | linear_svm); no fine-tuning",
@@ -294,4 +344,5 @@ METHOD = Method(
     predict=predict,
     encode=encode_labelled,
     metrics=(),
+    export=export,
 )
