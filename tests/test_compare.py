@@ -165,6 +165,23 @@ def test_the_markdown_holds_the_command_and_every_arm(compared):
     assert "- `dora`: sft · dora (r=4, alpha=32.0, dropout=0.05, target_modules=['no_such_layer'])" in md
 
 
+def test_a_table_without_zero_shot_has_no_column_for_it(compared):
+    """An encoder (MiniLM) can't answer prompts: no arm has a difference to zero-shot, and the column goes."""
+    import copy
+
+    from tunesmith.compare_table import markdown, table_text
+
+    result = copy.deepcopy(compared["result"])
+    result["arms"] = [r for r in result["arms"] if r["name"] != "zero-shot"]
+    for row in result["arms"]:
+        row.pop("vs_zero_shot", None)
+    md, text = markdown(result), table_text(result)
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert table[0].endswith("| total | accuracy % [95% CI] |") and "zero-shot" not in md
+    assert all(line.count(" | ") == table[0].count(" | ") for line in table[1:])
+    assert "vs zero-shot" not in text and "vs zero-shot" in table_text(compared["result"])
+
+
 def test_finished_arms_are_reused_not_retrained(compared, recipe):
     out = compared["out"]
     stamps = {n: (out / n / "manifest.json").stat().st_mtime_ns for n in ("lora", "full", "classify-ia3")}

@@ -88,8 +88,8 @@ def _value(metric: str, x: float, sign: bool = False) -> str:
     return f"{100 * x:{'+' if sign else ''}.1f}" if metric in PERCENT else f"{x:{'+' if sign else ''}.2f}"
 
 
-def _cells(row: dict, metric: str | None, gpu: bool) -> list[str]:
-    """A row's table cells (after its name)."""
+def _cells(row: dict, metric: str | None, gpu: bool, zero_shot: bool = True) -> list[str]:
+    """A row's table cells (after its name); the difference to zero-shot only when the table has that column."""
 
     def percent(p: float) -> str:
         return "0%" if p == 0 else f"{p:.2g}%" if p < 1 else f"{p:.1f}%"
@@ -111,7 +111,13 @@ def _cells(row: dict, metric: str | None, gpu: bool) -> list[str]:
              _size(row.get("weights_bytes")), _size(row.get("peak_rss_bytes"))]
     if gpu:
         cells.append(_size(row.get("gpu_peak_bytes")))
-    return cells + [seconds(row.get("seconds_per_step")), seconds(row.get("total_seconds")), value, diff]
+    return cells + [seconds(row.get("seconds_per_step")), seconds(row.get("total_seconds")), value] + \
+        ([diff] if zero_shot else [])
+
+
+def _has_zero_shot(result: dict) -> bool:
+    """Whether any arm has a difference to zero-shot (an encoder such as MiniLM can't answer prompts: none)."""
+    return any(r.get("vs_zero_shot") for r in result["arms"])
 
 
 def _header(result: dict) -> list[str]:
@@ -119,14 +125,15 @@ def _header(result: dict) -> list[str]:
     metric = result["metric"] or "metric"
     unit, diff_unit = (" %", " (pt)") if metric in PERCENT else ("", "")
     return (["arm", "trainable params", "%", "weights", "peak RSS"] + (["peak GPU"] if gpu else [])
-            + ["s/step", "total", f"{metric}{unit} [95% CI]", f"vs zero-shot{diff_unit} [95% CI]"])
+            + ["s/step", "total", f"{metric}{unit} [95% CI]"]
+            + ([f"vs zero-shot{diff_unit} [95% CI]"] if _has_zero_shot(result) else []))
 
 
 def table_text(result: dict) -> str:
     """The aligned table printed at the end, failed arms with their reason and log."""
     header = _header(result)
     gpu = "peak GPU" in header
-    body = [[r["name"], *_cells(r, result["metric"], gpu)] for r in result["arms"]]
+    body = [[r["name"], *_cells(r, result["metric"], gpu, _has_zero_shot(result))] for r in result["arms"]]
     widths = [max(len(x[i]) for x in [header, *body]) for i in range(len(header))]
     lines = []
     if result["rows"]:
@@ -154,11 +161,12 @@ def markdown(result: dict) -> str:
              f"Machine: {result['machine']}. Every arm: {budget}"
              + (" (except the overrides listed below)." if any(r.get("overrides") for r in result["arms"]) else "."),
              (f"Evaluated on {result['rows']} rows of {result['data']}; {result['metric']} with 95% percentile-"
-              f"bootstrap intervals over rows ({result['n_resamples']} resamples); differences to zero-shot are "
-              "paired-bootstrap intervals (* excludes 0)." if result["rows"] else "No arm was evaluated."), "",
+              f"bootstrap intervals over rows ({result['n_resamples']} resamples)"
+              + ("; differences to zero-shot are paired-bootstrap intervals (* excludes 0)."
+                 if _has_zero_shot(result) else ".") if result["rows"] else "No arm was evaluated."), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in result["arms"]:
-        cells = [row["name"], *_cells(row, result["metric"], gpu)]
+        cells = [row["name"], *_cells(row, result["metric"], gpu, _has_zero_shot(result))]
         if row.get("status") != "ok":
             cells[-1] = f"failed ({row.get('stage')}): {(row.get('error') or '').splitlines()[0]}"
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
