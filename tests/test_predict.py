@@ -110,7 +110,7 @@ def answering_runs(tmp_path_factory, tiny_model_dir, classifier_runs):
     _, held_out, _ = classifier_runs
     runs = {}
     for name, method, settings in (
-            ("sft", {"name": "sft", "adapter": "lora"}, {"max_steps": 60, "learning_rate": 1e-2}),
+            ("sft", {"name": "sft", "adapter": "lora"}, {"max_steps": 100, "learning_rate": 5e-3}),
             ("fewshot", {"name": "fewshot", "shots": 2}, {})):
         recipe = make_recipe(tmp, tiny_model_dir, method, name=name, precision="fp32",
                              data={"validation": str(held_out), "system_prompt": "Answer pos or neg."}, **settings)
