@@ -64,7 +64,8 @@ def load_run(path: str | Path, base: bool = False, dtype=None) -> Loaded:
 
 def _refuse_classifier(run) -> None:
     """A classifier run (classify, features, ensemble, reward) answers with labels or scores, not text: generate,
-    chat and export would otherwise load its base language model and silently leave the head out."""
+    chat and export (of a classifier with no standalone form) would otherwise load its base language model and
+    silently leave the head out."""
     from tunesmith.methods import REGISTRY
 
     name = run.read_manifest().get("method", "")
@@ -143,9 +144,8 @@ def export_merged(path: str | Path, out: str | Path, overwrite: bool = False) ->
     Adapters that can't be merged exactly (qlora, prefix, prompt, bottleneck) raise a RunError saying why, before
     anything is loaded.
     """
-    from tunesmith.methods.adapters import check_mergeable, merge_for_export, run_adapter
-
     from tunesmith.methods import REGISTRY
+    from tunesmith.methods.adapters import check_mergeable, merge_for_export, run_adapter
 
     run = open_run(path)
     manifest = run.read_manifest()

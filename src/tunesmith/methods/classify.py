@@ -563,14 +563,13 @@ EXPORT_INFO = "tunesmith_classifier.json"
 
 def export(run_dir: str | Path, out: Path, readme: Callable[[dict[str, Any], Any], str] | None = None) -> Path:
     """Write the run's classifier to `out` as a plain transformers sequence-classification folder: the adapter
-    merged into the base (a RunError before loading where that isn't exact); see `write_classifier`.
-    `readme(info, tokenizer)` writes README.md for other kinds of classifier (a reward model)."""
+    merged into the base (a RunError where that isn't exact; export_merged says so before loading); see
+    `write_classifier`. `readme(info, tokenizer)` writes README.md for other kinds of classifier (a reward model)."""
     from tunesmith.artifacts import open_run
-    from tunesmith.methods.adapters import check_mergeable, merge_for_export, run_adapter
+    from tunesmith.methods.adapters import merge_for_export, run_adapter
 
     run = open_run(run_dir)
     adapter = run_adapter(run, run.read_manifest()).adapter
-    check_mergeable(adapter)
     loaded = load_classifier(run.root, "fp32", cache=False)
     model = merge_for_export(loaded.model, adapter)
     return write_classifier(model, loaded.tokenizer, out, run.root, loaded.labels, pooling=loaded.pooling,
