@@ -117,8 +117,14 @@ def test_run_folder_contents_and_plain_library_reload(tmp_path, tiny_model_dir, 
     run = tmp_path / "run"
     weights = "adapter" if adapter == "lora" else "model"
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        ["recipe.yaml", "manifest.json", weights, "tokenizer", "generation_config.json", "metrics.jsonl",
-         "tensorboard", "checkpoints", "rejects.jsonl", "data_check.json", "data_check.html"])
+        [".tunesmith-run", "recipe.yaml", "manifest.json", weights, "tokenizer", "generation_config.json",
+         "metrics.jsonl", "tensorboard", "checkpoints", "rejects.jsonl", "data_check.json", "data_check.html", "data"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")]  # no staging folder left beside it
+    kept = [json.loads(line) for line in (run / "data" / "train.jsonl").read_text().splitlines()]
+    held = [json.loads(line) for line in (run / "data" / "validation.jsonl").read_text().splitlines()]
+    assert len(kept) + len(held) == len(chat_rows) and len(held) == manifest["data"]["validation_rows"] > 0
+    assert sorted(r["line"] for r in kept + held) == list(range(1, len(chat_rows) + 1))
+    assert all(r["data"] == {"messages": chat_rows[r["line"] - 1]["messages"]} for r in kept + held)
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["checkpoint-2"]
     if adapter == "lora":
         assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (run / "adapter").iterdir()}
@@ -287,9 +293,12 @@ def test_bad_rows_are_rejected_and_the_limit_stops_the_run(tmp_path, tiny_model_
                                                                          (22, "unknown role")]
     assert manifest["data"]["files"][str(tmp_path / "train.jsonl")]["rejected"] == 2
     strict = make_recipe(tmp_path, tiny_model_dir, rows, name="strict", data={"max_reject_fraction": 0.05})
-    with pytest.raises(DataError, match="2 of 22 rows rejected"):
+    with pytest.raises(DataError, match="2 of 22 rows rejected") as stopped:
         train_run(strict, echo=lambda s: None)
-    assert len((tmp_path / "strict" / "rejects.jsonl").read_text().splitlines()) == 2
+    assert not (tmp_path / "strict").exists()  # nothing half-made where the run goes: the next train is not refused
+    assert str(tmp_path / "strict.failed") in stopped.value.hint
+    assert len((tmp_path / "strict.failed" / "rejects.jsonl").read_text().splitlines()) == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left
 
 
 def test_rows_with_nothing_left_to_train_are_rejected(tmp_path, tiny_model_dir, chat_rows):

@@ -433,7 +433,7 @@ def arm_process(spec_file: str) -> int:
         if spec["train"]:
             from tunesmith.train import train_run
 
-            train_run(load_recipe(spec["recipe"]))
+            train_run(load_recipe(spec["recipe"]), recipe_path=spec["recipe"])
             record["peak_rss_bytes"] = _maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
             torch = sys.modules.get("torch")
             if torch is not None and torch.cuda.is_available():

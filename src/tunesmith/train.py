@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import re
 import shutil
@@ -15,7 +16,8 @@ from tunesmith import artifacts
 from tunesmith.artifacts import RunDir
 from tunesmith.data import check_reject_share, file_sha256, prepare_data, write_rejects
 from tunesmith.data.format import Encoded, encode, end_of_turn_ids, stats
-from tunesmith.errors import RunError
+from tunesmith.data.snapshot import write_snapshot
+from tunesmith.errors import RunError, TunesmithError
 from tunesmith.methods import REGISTRY
 from tunesmith.model import load_tokenizer, pick_precision, resolve_model
 from tunesmith.recipe import Recipe, recipe_changes
@@ -31,26 +33,32 @@ class EncodedData:
 
 
 def train_run(recipe: Recipe, resume: bool = False, callbacks: list | None = None,
-              echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train as the recipe says and write a complete run folder; return the manifest."""
+              echo: Callable[[str], None] = print, recipe_path: str | Path | None = None) -> dict[str, Any]:
+    """Train as the recipe says and write a complete run folder; return the manifest.
+
+    A new run is built in a folder beside `output.dir` and moved into place only once the data has been read and
+    has passed its checks; an existing run there is replaced only with `output.overwrite` and only when tunesmith
+    made it. `recipe_path` (the recipe file) is one of the inputs the run folder may never swallow.
+    """
     started = time.time()
     method = REGISTRY[recipe.method.name]
-    run = prepare_run_dir(recipe, resume)
-    run.recipe.write_text(recipe.to_yaml())
-
-    timings: dict[str, float] = {}
+    target = Path(recipe.output.dir)
+    if resume:
+        stage = reopen_run(recipe)
+    else:
+        check_target(target, recipe.output.overwrite, recipe_inputs(recipe, recipe_path))
+        stage = RunDir(artifacts.new_staging(target))
+        (stage.root / artifacts.RUN_MARKER).write_text("made by tunesmith train\n")
+    shown = RunDir(target)  # the paths printed are where the run will be
     t = time.time()
-    data = prepare_data(recipe.data, recipe.train.seed, method.record_types)
-    source = resolve_model(recipe.model.name, recipe.model.cache_dir)
-    tokenizer = load_tokenizer(source)
-    encoded = (method.encode or encode_rows)(data, tokenizer, recipe)
-    all_rejects = data.rejects + encoded.rejects
-    write_rejects(all_rejects, run.rejects)
-    echo(data_summary(data.counts(), len(encoded.rejects), stats(encoded.train), recipe, run))
-    check_reject_share(data, recipe.data.max_reject_fraction)
-    if recipe.data.check.enabled:
-        check_gate(data, recipe, run, echo)
-    timings["data_seconds"] = round(time.time() - t, 2)
+    try:
+        data, encoded, source, tokenizer = prepare_stage(recipe, method, stage, shown, echo)
+    except BaseException as exc:
+        if not resume:
+            keep_failed_stage(stage, target, exc)
+        raise
+    run = stage if resume else place_run(stage, target)
+    timings: dict[str, float] = {"data_seconds": round(time.time() - t, 2)}
 
     from tunesmith.methods.common import Job
 
@@ -79,7 +87,7 @@ def train_run(recipe: Recipe, resume: bool = False, callbacks: list | None = Non
         "seed": recipe.train.seed,
         "data": {**data.counts(),
                  "formatting_rejects": len(encoded.rejects),
-                 "hashes": {load.path: file_sha256(load.path) for load in data.loads},
+                 "hashes": read_snapshot_hashes(run),
                  "train_tokens": stats(encoded.train), "validation_tokens": stats(encoded.validation),
                  "labels": data.labels},
         "training": {"steps": outcome.steps, "trained_tokens": outcome.trained_tokens,
@@ -100,7 +108,128 @@ def train_run(recipe: Recipe, resume: bool = False, callbacks: list | None = Non
     return manifest
 
 
-def check_gate(data, recipe: Recipe, run: RunDir, echo: Callable[[str], None]) -> None:
+def prepare_stage(recipe: Recipe, method, stage: RunDir, shown: RunDir, echo: Callable[[str], None]):
+    """Everything before training, written into `stage`: the resolved recipe, the rows (read, formatted,
+    rejected with reasons), the data checks, and the rows the run trains and validates on (RUN/data/)."""
+    stage.recipe.write_text(recipe.to_yaml(), encoding="utf-8")
+    data = prepare_data(recipe.data, recipe.train.seed, method.record_types)
+    source = resolve_model(recipe.model.name, recipe.model.cache_dir)
+    tokenizer = load_tokenizer(source)
+    encoded = (method.encode or encode_rows)(data, tokenizer, recipe)
+    write_rejects(data.rejects + encoded.rejects, stage.rejects)
+    echo(data_summary(data.counts(), len(encoded.rejects), stats(encoded.train), recipe, shown))
+    check_reject_share(data, recipe.data.max_reject_fraction, encoded.rejects)
+    check_enough_rows(recipe, data, encoded)
+    if recipe.data.check.enabled:
+        check_gate(data, recipe, stage, echo, shown)
+    hashes = {load.path: file_sha256(load.path) for load in data.loads}
+    if recipe.data.class_weights not in (None, "auto"):
+        hashes[recipe.data.class_weights] = file_sha256(recipe.data.class_weights)
+    write_snapshot(stage.root, data, hashes)
+    return data, encoded, source, tokenizer
+
+
+def read_snapshot_hashes(run: RunDir) -> dict[str, str]:
+    """The input files' SHA-256 as RUN/data/data.json recorded them before training."""
+    return json.loads((run.root / "data" / "data.json").read_text(encoding="utf-8"))["hashes"]
+
+
+MIN_TRAIN_ROWS = 2
+
+
+def check_enough_rows(recipe: Recipe, data, encoded: EncodedData) -> None:
+    """Stop when formatting left too few rows to train on, or none to validate on where validation was asked for."""
+    from tunesmith.errors import DataError
+
+    if len(encoded.train) < MIN_TRAIN_ROWS:
+        raise DataError(f"{recipe.data.train}: {len(encoded.train)} training row(s) left after reading and "
+                        f"formatting ({len(data.train)} read as usable, {len(encoded.rejects)} with nothing left to "
+                        f"train on); a run needs at least {MIN_TRAIN_ROWS}",
+                        "see rejects.jsonl for why rows were rejected; add rows or raise train.max_seq_len")
+    asked = recipe.data.validation is not None or recipe.data.validation_fraction > 0
+    if asked and not encoded.validation:
+        where = (f"`data.validation` ({recipe.data.validation})" if recipe.data.validation else
+                 f"`data.validation_fraction` = {recipe.data.validation_fraction} of {len(data.train) + len(data.validation)} rows")
+        raise DataError(f"{where} leaves no validation rows to measure the run on",
+                        "give more rows or a data.validation file, or set data.validation_fraction=0 to train "
+                        "without validation")
+
+
+def recipe_inputs(recipe: Recipe, recipe_path: str | Path | None) -> list[str]:
+    """Every file or folder the recipe reads: the run folder may neither be, contain nor lie inside one."""
+    paths = [recipe_path, recipe.data.train, recipe.data.validation, recipe.model.cache_dir]
+    if recipe.data.class_weights not in (None, "auto"):
+        paths.append(recipe.data.class_weights)
+    if Path(recipe.model.name).exists():
+        paths.append(recipe.model.name)
+    for key in ("start_from", "policy", "reward_model"):
+        paths.append(getattr(recipe.method, key, None))
+    paths.extend(getattr(recipe.method, "members", None) or [])
+    return [str(p) for p in paths if isinstance(p, (str, Path)) and p]
+
+
+def check_target(target: Path, overwrite: bool, inputs: list[str]) -> None:
+    """Refuse an output.dir that is an input (or holds or lies inside one), a file, or a folder not ours to
+    replace; an existing run is replaced only with output.overwrite, and only after the data checks pass."""
+    for item in inputs:
+        if artifacts.related(target, item):
+            raise RunError(f"`output.dir` {target}: the run folder would be, contain or lie inside {item}, which "
+                           "this run reads", "give output.dir a folder of its own, e.g. runs/NAME")
+    if target.exists() and not target.is_dir():
+        raise RunError(f"`output.dir` {target}: is a file, not a folder", "give output.dir a new folder")
+    if not target.exists() or not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise RunError(f"{target}: run folder already exists",
+                       "pass output.overwrite=true to replace it, --resume to continue it, or output.dir=another/folder")
+    if not artifacts.is_run_folder(target):
+        raise RunError(f"`output.overwrite`: {target} is not a tunesmith run folder (no manifest.json or "
+                       f"{artifacts.RUN_MARKER} from tunesmith), so it is not replaced",
+                       "give output.dir a new folder; tunesmith only replaces folders it made")
+
+
+def place_run(stage: RunDir, target: Path) -> RunDir:
+    """Move the checked stage into place (replacing the run there, which `check_target` allowed)."""
+    artifacts.place_dir(stage.root, target, replace=True)
+    return RunDir(target)
+
+
+def keep_failed_stage(stage: RunDir, target: Path, exc: BaseException) -> None:
+    """A stage that failed its data checks is kept as TARGET.failed (rejects and the data check, to read);
+    otherwise removed. The error's message then names the kept folder."""
+    useful = stage.rejects.exists() and isinstance(exc, TunesmithError)
+    if not useful:
+        shutil.rmtree(stage.root, ignore_errors=True)
+        return
+    failed = target.with_name(target.name + ".failed")
+    if failed.exists() and not artifacts.is_run_folder(failed):
+        shutil.rmtree(stage.root, ignore_errors=True)
+        return
+    artifacts.place_dir(stage.root, failed, replace=True)
+    exc.message = exc.message.replace(str(stage.root), str(failed))
+    exc.hint = ((exc.hint or "") + f"; what the data check read is kept in {failed}/ (rejects.jsonl"
+                + (", data_check.html" if (failed / "data_check.html").exists() else "") + ")").lstrip("; ")
+    exc.args = (exc.message,)
+
+
+def reopen_run(recipe: Recipe) -> RunDir:
+    """The run folder to resume: the same recipe, and input files unchanged since the run read them."""
+    from tunesmith.data.snapshot import check_unchanged, has_snapshot, read_snapshot
+
+    run = RunDir(Path(recipe.output.dir))
+    if not run.recipe.exists():
+        raise RunError(f"{run.root}: nothing to resume (no recipe.yaml)", "run without --resume to start")
+    if run.recipe.read_text() != recipe.to_yaml():
+        raise RunError(f"{run.root}: the recipe differs from the one this run started with: "
+                       f"{recipe_changes(run.recipe.read_text(), recipe.to_yaml())}",
+                       f"resume with the same recipe and overrides (see {run.recipe})")
+    if has_snapshot(run.root):
+        recorded = read_snapshot(run.root).hashes
+        check_unchanged(recorded, list(recorded), "--resume")
+    return run
+
+
+def check_gate(data, recipe: Recipe, run: RunDir, echo: Callable[[str], None], shown: RunDir | None = None) -> None:
     """Check the training data (duplicates; leakage into a validation file) and stop on what the recipe forbids."""
     from tunesmith.data.check import CheckOptions, gate
 
@@ -115,28 +244,8 @@ def check_gate(data, recipe: Recipe, run: RunDir, echo: Callable[[str], None]) -
     if "leakage" in report:
         line += f"; {report['leakage']['train_rows']} rows leak into the validation file"
     warnings = [p["message"] for p in report["problems"] if p["severity"] == "warning"]
-    echo(line + (f"; {len(warnings)} warnings" if warnings else "") + f" (report: {run.root / 'data_check.html'})")
-
-
-def prepare_run_dir(recipe: Recipe, resume: bool) -> RunDir:
-    """Create (or, to resume, re-open) the run folder; refuse to clobber a finished run unless told."""
-    run = RunDir(Path(recipe.output.dir))
-    if resume:
-        if not run.recipe.exists():
-            raise RunError(f"{run.root}: nothing to resume (no recipe.yaml)", "run without --resume to start")
-        if run.recipe.read_text() != recipe.to_yaml():
-            raise RunError(f"{run.root}: the recipe differs from the one this run started with: "
-                           f"{recipe_changes(run.recipe.read_text(), recipe.to_yaml())}",
-                           f"resume with the same recipe and overrides (see {run.recipe})")
-        return run
-    if run.root.exists() and any(run.root.iterdir()):
-        if not recipe.output.overwrite:
-            raise RunError(f"{run.root}: run folder already exists",
-                           "pass output.overwrite=true to replace it, --resume to continue it, "
-                           "or output.dir=another/folder")
-        shutil.rmtree(run.root)
-    run.root.mkdir(parents=True, exist_ok=True)
-    return run
+    echo(line + (f"; {len(warnings)} warnings" if warnings else "") +
+         f" (report: {(shown or run).root / 'data_check.html'})")
 
 
 def encode_rows(data, tokenizer, recipe: Recipe) -> EncodedData:

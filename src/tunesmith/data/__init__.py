@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,15 +61,21 @@ def prepare_data(data, seed: int, allowed_kinds: tuple[str, ...] | None = None) 
     return PreparedData(train.kind, train_rows, val_rows, loads, labels, source)
 
 
-def check_reject_share(prepared: PreparedData, max_fraction: float) -> None:
-    """Raise DataError when a file's share of rejected rows is above `max_fraction`."""
+def check_reject_share(prepared: PreparedData, max_fraction: float, later_rejects: list[dict[str, Any]] = ()) -> None:
+    """Raise DataError when a file's share of rejected rows is above `max_fraction`. `later_rejects` are rows
+    rejected after reading (e.g. nothing left to train on after truncation); they count against their file too."""
+    later: dict[str, list[dict[str, Any]]] = {}
+    for reject in later_rejects:
+        later.setdefault(str(reject.get("file")), []).append(reject)
     for load in prepared.loads:
-        share = len(load.rejects) / max(load.rows_read, 1)
+        rejects = load.rejects + later.get(load.path, [])
+        share = len(rejects) / max(load.rows_read, 1)
         if share > max_fraction:
-            reasons = ", ".join(f"{k} ×{v}" for k, v in load.reasons().most_common())
+            reasons = Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejects)
+            listed = ", ".join(f"{k} ×{v}" for k, v in reasons.most_common())
             raise DataError(
-                f"{load.path}: {len(load.rejects)} of {load.rows_read} rows rejected ({share:.1%}), above "
-                f"`data.max_reject_fraction` = {max_fraction:.1%} ({reasons})",
+                f"{load.path}: {len(rejects)} of {load.rows_read} rows rejected ({share:.1%}), above "
+                f"`data.max_reject_fraction` = {max_fraction:.1%} ({listed})",
                 "see rejects.jsonl for each row's line and reason; fix the file, or raise data.max_reject_fraction")
     if not prepared.train:
         raise DataError(f"{prepared.loads[0].path}: no usable training rows",

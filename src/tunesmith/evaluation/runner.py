@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from tunesmith import artifacts
 from tunesmith.artifacts import open_run
-from tunesmith.data import prepare_data
+from tunesmith.data.snapshot import Snapshot, check_unchanged, has_snapshot, read_snapshot
 from tunesmith.data.format import prompt_messages
 from tunesmith.data.records import Record, load_records, record_text
 from tunesmith.errors import DataError, RunError
@@ -110,33 +112,50 @@ def evaluate_run(run_path: str | Path, options: EvalOptions | None = None,
 
 
 def eval_rows(run, options: EvalOptions) -> EvalRows:
-    """The evaluation rows: `options.data`, or the split the run held out; minus rows leaked from training."""
-    from tunesmith.recipe import load_recipe
-
-    recipe = load_recipe(run.recipe, check_files=False)
-    data = prepare_data(recipe.data, recipe.train.seed)
+    """The evaluation rows: `options.data`, or the rows the run held out (read from RUN/data/, never from the
+    recipe's files); minus rows that match the run's training rows."""
+    recipe = yaml.safe_load(run.recipe.read_text(encoding="utf-8")) if run.recipe.exists() else {}
+    data_section = (recipe or {}).get("data") or {}
+    snap = run_data(run)
     if options.data:
+        check_unchanged(snap.hashes, [options.data], "eval --data")
         answers = ("chat", "instruction", "preference")  # a generator answers the prompts of any of these
-        load = load_records(options.data, "auto" if data.kind in answers else data.kind, recipe.data.columns,
-                            data.labels)
+        load = load_records(options.data, "auto" if snap.kind in answers else snap.kind,
+                            data_section.get("columns") or {}, snap.labels)
         rows, source = load.records, options.data
         if load.rejects:
-            raise DataError(f"{options.data}: {len(load.rejects)} rows can't be read as {data.kind} rows "
+            raise DataError(f"{options.data}: {len(load.rejects)} rows can't be read as {snap.kind} rows "
                             f"(first: line {load.rejects[0]['line']}: {load.rejects[0]['reason']})",
                             "fix or remove them; `tunesmith data check` lists them all")
     else:
-        rows = data.validation
-        source = f"the run's held-out rows ({'validation file' if data.validation_source == 'file' else 'split'})"
+        rows = snap.validation
+        source = f"the run's held-out rows ({'validation file' if snap.validation_source == 'file' else 'split'})"
         if not rows:
             raise DataError(f"{run.root}: the run held out no rows", "give --data FILE")
     if options.limit:
         rows = rows[:options.limit]
-    kept, excluded = leakage_guard(rows, data.train, recipe.data.check.near_threshold)
+    threshold = ((data_section.get("check") or {}).get("near_threshold")) or 0.8
+    kept, excluded = leakage_guard(rows, snap.train, threshold)
     if options.include_leaked:  # keep them, but still report them
         kept = rows
     if not kept:
         raise DataError(f"{source}: every row matches a training row", "evaluate on data the run did not train on")
-    return EvalRows(kept[0].kind, kept, source, excluded, data.labels, data.train, recipe.data.system_prompt)
+    return EvalRows(kept[0].kind, kept, source, excluded, snap.labels, snap.train, data_section.get("system_prompt"))
+
+
+def run_data(run):
+    """The rows the run recorded (RUN/data/). A run trained before tunesmith kept them is read the old way — its
+    recipe's files, re-split — and only when those files still have the hashes its manifest recorded."""
+    if has_snapshot(run.root):
+        return read_snapshot(run.root)
+    from tunesmith.data import prepare_data
+    from tunesmith.recipe import load_recipe
+
+    recipe = load_recipe(run.recipe, check_files=False)
+    recorded = (run.read_manifest().get("data") or {}).get("hashes") or {}
+    check_unchanged(recorded, list(recorded), f"reading the held-out rows of {run.root}")
+    data = prepare_data(recipe.data, recipe.train.seed)
+    return Snapshot(data.kind, data.train, data.validation, data.labels, data.validation_source, recorded)
 
 
 def leakage_guard(rows: list[Record], train: list[Record], threshold: float) -> tuple[list[Record], list[dict]]:

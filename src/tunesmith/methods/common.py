@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunesmith.artifacts import RunDir, truncate_metrics
+from tunesmith.artifacts import RunDir, atomic_write, truncate_metrics
 from tunesmith.data.format import Encoded
 from tunesmith.errors import RunError
 from tunesmith.methods.base import TrainOutcome
@@ -91,7 +91,7 @@ def trainer_arguments(job: Job) -> dict[str, Any]:
         save_total_limit=t.save_total_limit,
         logging_strategy="steps", logging_steps=t.log_every, logging_first_step=True,
         report_to=["tensorboard"], disable_tqdm=False, dataloader_num_workers=0,
-        remove_unused_columns=False, prediction_loss_only=True, use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False, prediction_loss_only=True, logging_nan_inf_filter=False, use_cpu=not torch.cuda.is_available(),
     )
     if t.group_by_length:  # otherwise each trainer's own default (random; TRL's KTO: sequential)
         args["train_sampling_strategy"] = "group_by_length"
@@ -131,8 +131,25 @@ class MetricsCallback:
                 row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs, **self.extra}
                 with open(path, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(row) + "\n")
+                check_finite(logs, state.global_step, args.learning_rate)
 
         return _Metrics()
+
+
+class TrainingDiverged(RunError):
+    """The loss (or gradient norm) became NaN or infinite: training stops, and no weights are saved as a result."""
+
+
+def check_finite(values: dict[str, Any], step: int, learning_rate: float) -> None:
+    """Raise TrainingDiverged when a logged loss or gradient norm is NaN or infinite, naming the step and cause."""
+    bad = {k: v for k, v in values.items() if (k.endswith("loss") or k == "grad_norm")
+           and isinstance(v, (int, float)) and not math.isfinite(v)}
+    if bad:
+        found = ", ".join(f"{k} = {v}" for k, v in bad.items())
+        raise TrainingDiverged(f"training diverged at step {step}: {found}; no weights were saved as the result",
+                               f"the usual cause is a learning rate too high for this model and data "
+                               f"(train.learning_rate = {learning_rate:g}: try 10x lower), or fp16 overflow "
+                               "(train.precision=bf16 or fp32); checkpoints written before this step are kept")
 
 
 def watch_callbacks(job: Job) -> list:
@@ -260,7 +277,7 @@ def run_trainer(job: Job, trainer, model) -> TrainOutcome:
         before = json.loads(before_path.read_text())
     else:
         before = _losses(job, trainer) if job.recipe.eval.loss_before else {}
-        before_path.write_text(json.dumps(before))
+        atomic_write(before_path, json.dumps(before))
     start_epoch = 0.0
     if resume_from is not None:
         start_epoch = json.loads((resume_from / "trainer_state.json").read_text()).get("epoch", 0.0)
@@ -268,6 +285,7 @@ def run_trainer(job: Job, trainer, model) -> TrainOutcome:
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.time() - t0
     after = _losses(job, trainer)  # the last weights: a keep-best candidate too
+    check_finite({f"{k}_loss": v for k, v in after.items()}, trainer.state.global_step, job.recipe.train.learning_rate)
     state = trainer.state
     kept = next((c for c in trainer.callback_handler.callbacks if hasattr(c, "restore")), None)
     kept_step = None
