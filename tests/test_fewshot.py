@@ -46,8 +46,8 @@ def test_a_random_fewshot_run_records_its_pool_and_shots_without_weights(tmp_pat
     run = tmp_path / "run"
     assert manifest["method"] == "fewshot" and manifest["saved"] == "none" and manifest["adapter"] is None
     assert manifest["training"]["steps"] == 0 and manifest["training"]["trainable_params"] == 0
-    assert sorted(p.name for p in run.iterdir()) == ["fewshot", "generation_config.json", "manifest.json",
-                                                     "recipe.yaml", "rejects.jsonl", "tokenizer"]
+    assert sorted(p.name for p in run.iterdir()) == [".tunesmith-run", "data", "fewshot", "generation_config.json",
+                                                     "manifest.json", "recipe.yaml", "rejects.jsonl", "tokenizer"]
     assert sorted(p.name for p in (run / "fewshot").iterdir()) == ["pool.jsonl", "settings.json", "shots.jsonl"]
     settings = json.loads((run / "fewshot" / "settings.json").read_text())
     assert {k: settings[k] for k in ("name", "shots", "selection", "embedder", "seed", "pool_rows")} == {

@@ -109,6 +109,12 @@ def test_eval_reads_the_held_out_rows_from_the_run_not_the_changed_file(tmp_path
     assert code == 2 and "changed since the run trained on it" in err
     recorded = json.loads((work / "run" / "data" / "data.json").read_text())["hashes"]
     assert next(iter(recorded.values()))[:16] in err  # both hashes are named
+    for argv in (["predict", str(work / "run"), "--data", str(work / "train.jsonl"), "--labels", "a,b"],
+                 ["review", str(work / "run"), "base", "--data", str(work / "train.jsonl")]):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and "changed since the run trained on it" in err
+        assert f"{argv[0]} --data" in err
 
 
 def test_resume_refuses_a_changed_training_file(tmp_path, tiny_model_dir):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunesmith.artifacts import open_run
+from tunesmith.data.snapshot import check_input
 from tunesmith.errors import DataError, RunError
 
 PREDICTIONS = "predictions"  # RUN/predictions/FILE.jsonl unless --out says otherwise
@@ -135,7 +136,9 @@ def predict_file(run_path: str | Path, data: str | Path, column: str = "text", o
     data = Path(data)
     if not data.exists():
         raise DataError(f"{data}: no such file", "give a JSONL, CSV or Parquet file, or a saved `datasets` folder")
-    out = Path(out) if out else open_run(run_path).root / PREDICTIONS / f"{data.stem}.jsonl"
+    run = open_run(run_path)
+    check_input(run.root, data, "predict --data")
+    out = Path(out) if out else run.root / PREDICTIONS / f"{data.stem}.jsonl"
     loaded = load_records(data, fmt="text", columns={"text": column})
     if not loaded.records and loaded.rejects:
         first = loaded.rejects[0]

@@ -13,31 +13,42 @@ request and every write in its own transaction, so reviewers can vote at the sam
 from __future__ import annotations
 
 import csv
+import errno
 import gc
 import hashlib
+import hmac
 import html
 import io
+import ipaddress
 import json
 import math
 import random
 import re
+import secrets
+import socket
 import sqlite3
 import threading
 from collections import defaultdict
 from contextlib import closing, contextmanager
 from datetime import datetime, timezone
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
-from tunesmith.artifacts import open_run
+from tunesmith.artifacts import atomic_write, open_run
+from tunesmith.data.snapshot import check_input
 from tunesmith.errors import DataError, RunError
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 CHOICES = ("left", "right", "tie")
 MAX_COMMENT = 4000
-MAX_BODY = 1 << 20
+MAX_BODY = 1 << 20  # bytes of one request body (a vote is well under 10 KiB)
+MAX_DRAIN = 64 << 20  # bytes of a refused body read and dropped, so the client gets the answer, not a reset
+MAX_ID = (1 << 63) - 1  # SQLite's largest INTEGER
+TOKEN_HEADER = "X-Tunesmith-Token"  # the page sends back the token it was served with
+SURROGATE = re.compile("[\ud800-\udfff]")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
@@ -55,7 +66,11 @@ COMPLETE = "answer_a IS NOT NULL AND answer_b IS NOT NULL"
 
 
 class BadVote(ValueError):
-    """A request the review page can't accept; the message goes back as a 400 JSON error."""
+    """A request the review server refuses; the message goes back as a JSON error with `status` (400 unless said)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
 
 
 # ---------------------------------------------------------------- preparing: prompts in, both answers stored
@@ -77,6 +92,9 @@ def prepare_review(run_a: str | Path, run_b: str | Path, data: str | Path, limit
     """
     run = open_run(run_a)  # wrong folders and unusable data fail here, before any model loads
     other = None if str(run_b) == "base" else open_run(run_b)
+    for folder in (run, other):
+        if folder is not None and Path(data).exists():
+            check_input(folder.root, data, "review --data")
     if limit is not None and limit < 1:
         raise DataError(f"--limit must be at least 1, got {limit}")
     prompts = read_prompts(data, limit)
@@ -253,21 +271,26 @@ def record_vote(conn: sqlite3.Connection, payload: Any, default_reviewer: str | 
     """Check and store one vote {item_id, choice: left|right|tie, comment, reviewer}; a repeat replaces the last."""
     if not isinstance(payload, dict):
         raise BadVote('the body must be a JSON object like {"item_id": 1, "choice": "left", "reviewer": "ann"}')
+    for field in ("reviewer", "choice", "comment", "item_id"):
+        if isinstance(payload.get(field), str) and SURROGATE.search(payload[field]):
+            raise BadVote(f"{field} is not valid Unicode text: it holds a lone surrogate such as \\ud800")
     reviewer = _reviewer(payload.get("reviewer") or default_reviewer)
     item_id, choice, comment = payload.get("item_id"), payload.get("choice"), payload.get("comment") or ""
-    if isinstance(item_id, str) and item_id.isdigit():
+    if isinstance(item_id, str) and re.fullmatch(r"[0-9]{1,100}", item_id):
         item_id = int(item_id)
     if not isinstance(item_id, int) or isinstance(item_id, bool):
-        raise BadVote(f"item_id must be a whole number, got {item_id!r}")
+        raise BadVote(f"item_id must be a whole number, got {_short(item_id)}")
     if choice not in CHOICES:
-        raise BadVote(f"choice must be 'left', 'right' or 'tie', got {choice!r}")
+        raise BadVote(f"choice must be 'left', 'right' or 'tie', got {_short(choice)}")
     if not isinstance(comment, str) or len(comment) > MAX_COMMENT:
         raise BadVote(f"comment must be text of at most {MAX_COMMENT} characters")
     with _transaction(conn):
-        row = conn.execute(f"SELECT left_system FROM items WHERE id = ? AND {COMPLETE}", (item_id,)).fetchone()
+        row = None
+        if 1 <= item_id <= MAX_ID:  # a larger number can't be an SQLite row id (and overflows its INTEGER)
+            row = conn.execute(f"SELECT left_system FROM items WHERE id = ? AND {COMPLETE}", (item_id,)).fetchone()
         if row is None:
             total = conn.execute(f"SELECT COUNT(*) FROM items WHERE {COMPLETE}").fetchone()[0]
-            raise BadVote(f"unknown item_id {item_id}: this review has {total} items")
+            raise BadVote(f"unknown item_id {_short(item_id)}: this review has {total} items")
         left = row["left_system"]
         winner = {"left": left, "right": "b" if left == "a" else "a", "tie": "tie"}[choice]
         conn.execute("""INSERT INTO votes (item_id, reviewer, choice, winner, comment, voted_at)
@@ -276,6 +299,12 @@ def record_vote(conn: sqlite3.Connection, payload: Any, default_reviewer: str | 
                             winner = excluded.winner, comment = excluded.comment, voted_at = excluded.voted_at""",
                      (item_id, reviewer, choice, winner, comment.strip(), _now()))
     return {"ok": True, "progress": _progress(conn, reviewer)}
+
+
+def _short(value: Any) -> str:
+    """A value for an error message: its repr, cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _reviewer(value: Any) -> str:
@@ -363,7 +392,7 @@ def reward_agreement(db_path: Path, reward_run: str | Path) -> dict[str, Any]:
     low, high = wilson_interval(rate, len(agree)) if agree else (None, None)
     found = {"reward_model": str(reward_run), "items": len(agree), "agreement": rate, "ci_low": low, "ci_high": high,
              "reward_prefers_a": sum(sa > sb for sa, sb in zip(scores_a, scores_b))}
-    db_path.with_suffix(".reward.json").write_text(json.dumps(found, indent=2))
+    atomic_write(db_path.with_suffix(".reward.json"), json.dumps(found, indent=2))
     return found
 
 
@@ -399,7 +428,7 @@ def export_csv(db_path: Path, out: Path) -> Path:
         text = _csv_text(conn)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    atomic_write(out, text)
     return out
 
 
@@ -423,22 +452,45 @@ def _csv_text(conn: sqlite3.Connection) -> str:
 # ---------------------------------------------------------------- the web app
 
 class ReviewServer(ThreadingHTTPServer):
-    """The review page and its JSON API over one database; each request runs in its own thread."""
+    """The review page and its JSON API over one database; each request runs in its own thread.
+
+    Binding happens here, so a port in use is a RunError before any answer is generated; `start()` serves.
+    Votes are taken only from the page: same origin, JSON, and the random `token` embedded in the page.
+    """
 
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], db_path: Path, reviewer: str | None = None):
+        host, port = address
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+            raise RunError(f"--port {port}: a port is a number from 0 to 65535", "use --port 0 for any free port")
         self.db_path, self.reviewer = Path(db_path), reviewer
-        super().__init__(address, _Handler)
+        self.token = secrets.token_urlsafe(24)
+        self.loopback = _is_loopback(host)  # then only localhost names are answered (no DNS rebinding)
+        self._thread: threading.Thread | None = None
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        try:
+            super().__init__((host, port), _Handler)
+        except OSError as exc:
+            raise _bind_error(host, port, exc) from None
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}/"
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+    def start(self) -> ReviewServer:
+        """Serve in a background thread; returns the server."""
+        self._thread = threading.Thread(target=self.serve_forever, name="tunesmith-review", daemon=True)
+        self._thread.start()
+        return self
 
     def stop(self) -> None:
         """Stop serving and close the socket."""
-        self.shutdown()
+        if self._thread is not None:
+            self.shutdown()
+            self._thread = None
         self.server_close()
 
 
@@ -447,71 +499,195 @@ def serve_review(db_path: Path, host: str = "127.0.0.1", port: int = 0,
     """Start the review page in a background thread and return the server (`.url`; `.stop()` ends it)."""
     with closing(_connect(db_path)):  # a missing database fails here, not on the first request
         pass
-    server = ReviewServer((host, port), db_path, reviewer)
-    threading.Thread(target=server.serve_forever, name="tunesmith-review", daemon=True).start()
-    return server
+    return ReviewServer((host, port), db_path, reviewer).start()
+
+
+def _bind_error(host: str, port: int, exc: OSError) -> RunError:
+    """What to do when the server can't listen on host:port, in the CLI's words."""
+    if exc.errno == errno.EADDRINUSE:
+        return RunError(f"port {port} on {host} is already in use (another `tunesmith review` still running, or "
+                        "another program)", f"pass --port 0 for any free port, or another port such as --port "
+                        f"{_free_port(host)}")
+    if exc.errno == errno.EACCES:
+        return RunError(f"port {port} on {host}: permission denied (ports below 1024 need root)",
+                        "pass --port 0 for any free port, or a port above 1023")
+    return RunError(f"can't listen on {host}:{port}: {exc.strerror or exc}",
+                    "--host 127.0.0.1 serves this machine only, --host 0.0.0.0 every network interface")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _is_loopback(host: str) -> bool:
+    """True for localhost, 127.x.x.x and ::1."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: ReviewServer
+    timeout = 30  # seconds a client may take to send its request: a stalled one can't hold a thread forever
+    default_request_version = "HTTP/1.0"  # answers to a garbled request line carry a status line and headers too
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         url = urlsplit(self.path)
+        if not self._host_allowed():
+            return
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         if url.path == "/":
-            self._send(200, PAGE.replace("__DEFAULT_REVIEWER__", json.dumps(self.server.reviewer or "")
-                                         .replace("</", "<\\/")).encode(), "text/html; charset=utf-8")
+            values = {"DEFAULT_REVIEWER": self.server.reviewer or "", "TOKEN": self.server.token}
+            page = re.sub(r"__(DEFAULT_REVIEWER|TOKEN)__", lambda m: _script_value(values[m[1]]), PAGE)
+            self._send(200, page.encode("utf-8"), "text/html; charset=utf-8")
         elif url.path == "/api/next":
             self._api(lambda conn: next_item(conn, _reviewer(query.get("reviewer") or self.server.reviewer),
                                              _skip_list(query.get("skip", ""))))
         elif url.path == "/api/results":
             self._api(lambda conn: review_results(self.server.db_path))
         elif url.path == "/export.csv":
-            with closing(_connect(self.server.db_path)) as conn:
-                body = _csv_text(conn).encode("utf-8")
-            self._send(200, body, "text/csv; charset=utf-8",
-                       {"Content-Disposition": f'attachment; filename="{self.server.db_path.stem}-votes.csv"'})
+            self._api(lambda conn: _csv_text(conn), kind="text/csv; charset=utf-8", headers={
+                "Content-Disposition": f'attachment; filename="{self.server.db_path.stem}-votes.csv"'})
         else:
             self._json(404, {"error": f"no such page: {url.path}"})
 
     def do_POST(self) -> None:  # noqa: N802
-        if urlsplit(self.path).path != "/api/vote":
-            return self._json(404, {"error": f"no such endpoint: POST {self.path}"})
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            return self._json(413, {"error": f"request body over {MAX_BODY} bytes"})
         try:
-            payload = json.loads(self.rfile.read(length) or b"null")
-        except (ValueError, UnicodeDecodeError) as exc:
-            return self._json(400, {"error": f"the body is not valid JSON: {exc}"})
+            body = self._read_body()  # at most MAX_BODY bytes, read before anything is refused
+        except BadVote as exc:
+            self._json(exc.status, {"error": str(exc)})
+            return self._drain()
+        if not self._host_allowed():
+            return
+        if urlsplit(self.path).path != "/api/vote":
+            return self._json(404, {"error": f"no such endpoint: POST {urlsplit(self.path).path}"})
+        try:
+            self._check_from_page()
+            payload = _parse_json(body)
+        except BadVote as exc:
+            return self._json(exc.status, {"error": str(exc)})
         self._api(lambda conn: record_vote(conn, payload, self.server.reviewer))
 
-    def _api(self, answer: Callable[[sqlite3.Connection], Any]) -> None:
+    def _read_body(self) -> bytes:
+        """The request body by its Content-Length: a whole number of bytes up to MAX_BODY, all of it in time."""
+        if self.headers.get("Transfer-Encoding"):
+            raise BadVote("send the body with a Content-Length (chunked transfer is not accepted)", 411)
+        text = (self.headers.get("Content-Length") or "0").strip()
+        if not re.fullmatch(r"[0-9]{1,100}", text):
+            raise BadVote(f"Content-Length must be a whole number of bytes, got {_short(text)}")
+        length = int(text)
+        if length > MAX_BODY:
+            raise BadVote(f"the body is {length} bytes; a vote is at most {MAX_BODY}", 413)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            raise BadVote(f"the body did not arrive within {self.timeout} s", 408) from None
+        if len(body) < length:
+            raise BadVote(f"the body ended after {len(body)} of its {length} bytes")
+        return body
+
+    def _drain(self) -> None:
+        """Read and drop what is left of a refused body (up to MAX_DRAIN, until 1 s of silence), so the client can
+        finish sending and read the answer instead of a reset connection."""
+        self.close_connection = True
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)  # the answer is complete: the client may close at once
+            self.connection.settimeout(1)
+            left = MAX_DRAIN
+            while left > 0:
+                chunk = self.rfile.read1(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
+
+    def _host_allowed(self) -> bool:
+        """A server on a loopback address answers only to localhost names: a page on another domain that
+        resolves to 127.0.0.1 (DNS rebinding) gets a 403."""
+        host = self.headers.get("Host")
+        if not self.server.loopback or host is None:
+            return True
+        name = host.rsplit("]", 1)[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
+        if _is_loopback(name):
+            return True
+        self._json(403, {"error": f"this review answers only at localhost or 127.0.0.1, not at {_short(host)}"})
+        return False
+
+    def _check_from_page(self) -> None:
+        """A vote must come from the review page: its own origin, a JSON body, and the page's token."""
+        own, origin = f"http://{self.headers.get('Host', '')}", self.headers.get("Origin")
+        if origin is not None and origin != own:
+            raise BadVote(f"votes are taken only from the review page at {own}, not from {_short(origin)}", 403)
+        if self.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+            raise BadVote(f"votes are taken only from the review page at {own}", 403)
+        token = self.headers.get(TOKEN_HEADER, "").encode("latin-1", "replace")
+        if not hmac.compare_digest(token, self.server.token.encode()):
+            raise BadVote(f"the vote lacks this server's {TOKEN_HEADER}: reload the review page (the server may "
+                          "have restarted)", 403)
+        kind = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise BadVote(f"a vote is JSON: send Content-Type: application/json, not {_short(kind or 'none')}", 415)
+
+    def _api(self, answer: Callable[[sqlite3.Connection], Any], kind: str = "application/json",
+             headers: dict[str, str] | None = None) -> None:
         try:
             with closing(_connect(self.server.db_path)) as conn:
-                self._json(200, answer(conn))
+                data = answer(conn)
         except BadVote as exc:
-            self._json(400, {"error": str(exc)})
+            return self._json(exc.status, {"error": str(exc)})
         except sqlite3.Error as exc:
-            self._json(500, {"error": f"database error: {exc}"})
+            return self._json(500, {"error": f"database error: {exc}"})
+        except Exception as exc:  # a bug must still answer, not drop the connection
+            return self._json(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
+        if kind == "application/json":
+            return self._json(200, data)
+        self._send(200, data.encode("utf-8", "backslashreplace"), kind, headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line, an unknown method, …) as JSON errors too."""
+        self.close_connection = True
+        self._json(code, {"error": message or HTTPStatus(code).phrase})
 
     def _json(self, status: int, data: Any) -> None:
-        self._send(status, json.dumps(data, ensure_ascii=False).encode("utf-8"), "application/json")
+        self._send(status, json.dumps(data).encode("ascii"), "application/json")  # ASCII: any text is sendable
 
     def _send(self, status: int, body: bytes, kind: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         for key, value in {"Content-Type": kind, "Content-Length": str(len(body)), "Cache-Control": "no-store",
+                           "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
                            **(headers or {})}.items():
             self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:  # keep the terminal for the summary, not access logs
         pass
 
 
+def _parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadVote(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadVote("the body is not a vote: its JSON is nested too deeply") from None
+
+
+def _script_value(value: str) -> str:
+    """A string as a JavaScript literal safe inside <script> (no `</script>` can end it early)."""
+    return json.dumps(value).replace("</", "<\\/")
+
+
 def _skip_list(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip().isdigit())[:500]
+    return tuple(int(x) for x in text.split(",") if re.fullmatch(r"[0-9]{1,18}", x.strip()))[:500]
 
 
 PAGE = """<!doctype html>
@@ -548,6 +724,7 @@ The order of the two answers is random for every prompt.</p></div>
 <script>
 "use strict";
 const $ = id => document.getElementById(id), who = $("who"), DEFAULT_REVIEWER = __DEFAULT_REVIEWER__;
+const TOKEN = __TOKEN__;
 let item = null, busy = false, skipped = [];
 who.value = localStorage.getItem("tunesmith-reviewer") || DEFAULT_REVIEWER;
 const name = () => who.value.trim();
@@ -589,7 +766,8 @@ async function vote(choice) {
   if (!item || busy) return;
   busy = true;
   try {
-    const d = await call("/api/vote", {method: "POST", headers: {"Content-Type": "application/json"},
+    const d = await call("/api/vote", {method: "POST",
+      headers: {"Content-Type": "application/json", "X-Tunesmith-Token": TOKEN},
       body: JSON.stringify({item_id: item.id, choice: choice, comment: $("comment").value, reviewer: name()})});
     showProgress(d.progress); say("Saved."); await next();
   } catch (err) { say(err.message); }

@@ -126,7 +126,20 @@ def check_unchanged(recorded: dict[str, str], paths: Iterable[str | Path], what:
                             "restore the file as it was, or start a new run (without --resume) on the new data")
 
 
-def snapshot_summary(snap: Snapshot) -> dict[str, Any]:
-    """Counts for messages and the manifest."""
-    return {"kind": snap.kind, "train_rows": len(snap.train), "validation_rows": len(snap.validation),
-            "validation_source": snap.validation_source}
+def recorded_hashes(root: Path) -> dict[str, str]:
+    """The input files' SHA-256 as the run recorded them (RUN/data/data.json, or an older run's manifest)."""
+    root = Path(root)
+    for path, keys in ((root / FOLDER / "data.json", ("hashes",)), (root / "manifest.json", ("data", "hashes"))):
+        try:
+            node = json.loads(path.read_text(encoding="utf-8"))
+            for key in keys:
+                node = node[key]
+            return dict(node)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return {}
+
+
+def check_input(root: Path, data: str | Path, what: str) -> None:
+    """`check_unchanged` for a file a stage is pointed at, against what run `root` recorded."""
+    check_unchanged(recorded_hashes(root), [data], what)

@@ -31,20 +31,25 @@ from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from tunesmith.data.format import IGNORE, Encoded, to_messages
+from tunesmith.artifacts import atomic_write
 from tunesmith.data.records import Record, record_text
+from tunesmith.data.snapshot import read_records, write_records
 from tunesmith.errors import RecipeError, RunError
 from tunesmith.methods.base import Method, TrainOutcome
-from tunesmith.recipe import MethodParams
+from tunesmith.schema import SEED_LIMIT, MethodParams
 
 FOLDER = "fewshot"  # inside the run folder
 
 
 class FewshotParams(MethodParams):
     name: Literal["fewshot"] = "fewshot"
-    shots: int = Field(4, gt=0)  # solved training rows before each prompt
-    selection: Literal["random", "nearest"] = "random"  # random rows, or those with the most similar prompts
-    embedder: Literal["base", "minilm"] = "base"  # nearest: the base model's hidden states, or the MiniLM encoder
-    seed: int = 0  # random: which rows are drawn (eval's fewshot comparison with the same --seed draws the same)
+    shots: int = Field(4, gt=0, description="solved training rows before each prompt")
+    selection: Literal["random", "nearest"] = Field("random", description="random rows, or those with the most "
+                                                                          "similar prompts")
+    embedder: Literal["base", "minilm"] = Field("base", description="nearest: the base model's hidden states, or "
+                                                                    "the MiniLM encoder")
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="random: which rows are drawn (eval's fewshot "
+                                                          "comparison with the same --seed draws the same)")
 
     @field_validator("embedder")
     @classmethod
@@ -180,27 +185,16 @@ def train(job) -> TrainOutcome:
                                      f"lower it or give more training rows"])
     folder = job.run.root / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    _write_records(folder / "pool.jsonl", pool)
+    write_records(folder / "pool.jsonl", pool)
     settings = {**params.model_dump(), "pool_rows": len(pool), "precision": job.precision,
                 "max_len": job.recipe.train.max_seq_len}
     if params.selection == "random":
-        _write_records(folder / "shots.jsonl", random.Random(params.seed).sample(pool, params.shots))
+        write_records(folder / "shots.jsonl", random.Random(params.seed).sample(pool, params.shots))
     else:
         embedder = load_embedder(params.embedder, job.source, job.precision, job.recipe.train.max_seq_len)
         np.save(folder / "embeddings.npy", embedder([prompt_text(r) for r in pool], "embedding the pool"))
-    (folder / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    atomic_write(folder / "settings.json", json.dumps(settings, indent=2) + "\n")
     return TrainOutcome(steps=0, seconds=time.time() - t0, trained_tokens=0, saved="none")
-
-
-def _write_records(path: Path, records: list[Record]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps({"kind": r.kind, "data": r.data, "source": r.source, "line": r.line},
-                                ensure_ascii=False) + "\n")
-
-
-def _read_records(path: Path) -> list[Record]:
-    return [Record(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # ----------------------------------------------------------------------------------------------- reading a run
@@ -236,7 +230,7 @@ class ShotPicker:
             raise RunError(f"{self.root}: this fewshot run picks the nearest training rows for each evaluation row "
                            "(selection: nearest), so it has no fixed shots for generate or chat",
                            "evaluate it with `tunesmith eval`, or train a fewshot run with selection: random")
-        return _read_records(self.root / FOLDER / "shots.jsonl")
+        return read_records(self.root / FOLDER / "shots.jsonl")
 
     def _embedder(self) -> Embedder:
         if self.embedder is None:
@@ -256,7 +250,7 @@ def shot_picker(run_dir: str | Path) -> ShotPicker:
     folder = root / FOLDER
     if not (folder / "settings.json").exists():
         raise RunError(f"{root}: no {FOLDER}/settings.json — not a complete fewshot run", "train it again")
-    return ShotPicker(root, json.loads((folder / "settings.json").read_text()), _read_records(folder / "pool.jsonl"))
+    return ShotPicker(root, json.loads((folder / "settings.json").read_text()), read_records(folder / "pool.jsonl"))
 
 
 METHOD = Method(
