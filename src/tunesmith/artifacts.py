@@ -82,20 +82,21 @@ class RunDir:
         return complete[-1] if complete else None
 
     def check_complete(self, manifest: dict[str, Any]) -> None:
-        """Raise a RunError naming the first file a finished run should have and lacks."""
-        need = {"adapter": ("adapter", "adapter_config.json"), "model": ("model", "config.json")}
-        saved = need.get(manifest.get("saved"))
-        if saved:
-            folder = self.root / saved[0]
-            weights = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin")) if folder.is_dir() else []
-            for path, ok in ((folder / saved[1], (folder / saved[1]).is_file()), (folder / "*.safetensors",
-                                                                                   bool(weights))):
-                if not ok:
-                    raise RunError(f"{path}: missing from the run folder (the run saved {saved[0]}/)",
-                                   "the run folder is damaged or was moved in part; train the run again")
-        if manifest.get("saved") in ("adapter", "model") and not (self.tokenizer / "tokenizer_config.json").is_file():
-            raise RunError(f"{self.tokenizer / 'tokenizer_config.json'}: missing from the run folder",
-                           "the run folder is damaged; train the run again")
+        """Raise a RunError naming the first file a finished run should have and lacks: the folder it saved
+        (adapter/ with its config and weights, model/ with config.json and weights) and tokenizer/."""
+        saved = manifest.get("saved")
+        if saved not in ("adapter", "model"):
+            return
+        folder = self.root / saved
+        config = folder / ("config.json" if saved == "model" else "adapter_config.json")
+        if saved == "adapter" and (folder / "bottleneck_config.json").is_file():  # our own bottleneck adapters
+            config = folder / "bottleneck_config.json"
+        weights = [p for pattern in ("*.safetensors", "*.bin") for p in folder.glob(pattern)]
+        for path, ok in ((config, config.is_file()), (folder / "*.safetensors", bool(weights)),
+                         (self.tokenizer / "tokenizer_config.json", (self.tokenizer / "tokenizer_config.json").is_file())):
+            if not ok:
+                raise RunError(f"{path}: missing from the run folder",
+                               "the run folder is damaged or was copied in part; train the run again")
 
 
 def _complete_checkpoint(path: Path) -> bool:

@@ -280,7 +280,7 @@ def run_compare(options: CompareOptions, echo: Callable[[str], None] = print) ->
             holder = arm
     result = collect(base, arms, holder, out, options)
     artifacts.write_json(out / "compare.json", result)
-    (out / "compare.md").write_text(markdown(result), encoding="utf-8")
+    artifacts.atomic_write(out / "compare.md", markdown(result))
     echo("")
     echo(table_text(result))
     echo(f"wrote {out / 'compare.json'}, {out / 'compare.md'}")
@@ -292,7 +292,7 @@ def run_arm(arm: Arm, out: Path, options: CompareOptions, against: list[str], ta
     """Train (unless a finished run of the same recipe is there) and evaluate one arm in its own process."""
     run = RunDir(out / arm.folder)
     recipe_file = out / "recipes" / f"{arm.folder}.yaml"
-    recipe_file.write_text(arm.recipe.to_yaml(), encoding="utf-8")
+    artifacts.atomic_write(recipe_file, arm.recipe.to_yaml())
     record_file, log = out / "arms" / f"{arm.folder}.json", out / "logs" / f"{arm.folder}.log"
     previous = json.loads(record_file.read_text()) if record_file.exists() else {}
     finished = (run.manifest.exists() and run.recipe.exists() and run.recipe.read_text() == arm.recipe.to_yaml())

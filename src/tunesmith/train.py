@@ -111,7 +111,7 @@ def train_run(recipe: Recipe, resume: bool = False, callbacks: list | None = Non
 def prepare_stage(recipe: Recipe, method, stage: RunDir, shown: RunDir, echo: Callable[[str], None]):
     """Everything before training, written into `stage`: the resolved recipe, the rows (read, formatted,
     rejected with reasons), the data checks, and the rows the run trains and validates on (RUN/data/)."""
-    stage.recipe.write_text(recipe.to_yaml(), encoding="utf-8")
+    artifacts.atomic_write(stage.recipe, recipe.to_yaml())
     data = prepare_data(recipe.data, recipe.train.seed, method.record_types)
     source = resolve_model(recipe.model.name, recipe.model.cache_dir)
     tokenizer = load_tokenizer(source)
@@ -277,7 +277,8 @@ def save_tokenizer_and_generation(run: RunDir, tokenizer, source) -> None:
     """Save the tokenizer (with its chat template) and a generation config that stops at end of turn."""
     from transformers import GenerationConfig
 
-    tokenizer.save_pretrained(run.tokenizer)
+    with artifacts.staged_dir(run.tokenizer, replace=True) as stage:
+        tokenizer.save_pretrained(stage)
     try:
         config = GenerationConfig.from_pretrained(source.path)
     except OSError:

@@ -488,9 +488,7 @@ def write_outputs(out: Path, rows: EvalRows, task: str, per_example: dict[str, l
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    artifacts.atomic_write(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
 
 
 def check_run(run_path: str | Path) -> None:

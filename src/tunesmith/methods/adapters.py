@@ -18,10 +18,10 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from tunesmith.artifacts import RunDir
+from tunesmith.artifacts import RunDir, staged_dir
 from tunesmith.errors import ModelError, RunError
 from tunesmith.model import ModelSource
-from tunesmith.recipe import Strict
+from tunesmith.schema import Strict
 
 
 @dataclass(frozen=True)
@@ -64,16 +64,20 @@ PEFT_TYPES = {"lora": "LORA", "qlora": "LORA", "dora": "LORA", "ia3": "IA3", "pr
 
 
 class LoraParams(Strict):
-    r: int = Field(16, gt=0)  # rank of the update matrices
-    alpha: float = Field(32, gt=0)  # scale = alpha / r
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"  # module names, or every linear layer
+    r: int = Field(16, gt=0, description="rank of the update matrices")
+    alpha: float = Field(32, gt=0, description="the update is scaled by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt, e.g. [q_proj, v_proj], or every linear layer")
 
 
 class QLoraParams(LoraParams):
-    quant_type: Literal["nf4", "fp4"] = "nf4"  # 4-bit NormalFloat (QLoRA's choice) or plain 4-bit float
-    double_quant: bool = True  # quantize the quantization constants too (~0.4 bit per weight saved)
-    compute_dtype: Literal["auto", "bf16", "fp32"] = "auto"  # matmuls of the 4-bit layers; auto: bf16 where fast
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit NormalFloat (QLoRA's choice) or plain "
+                                                                 "4-bit float")
+    double_quant: bool = Field(True, description="quantize the quantization constants too (~0.4 bit per weight "
+                                                 "saved)")
+    compute_dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="matmuls of the 4-bit layers; "
+                                                                               "auto: bf16 where fast")
 
 
 class DoraParams(LoraParams):
@@ -81,30 +85,39 @@ class DoraParams(LoraParams):
 
 
 class IA3Params(Strict):
-    target_modules: list[str] | None = None  # layers that get a learned scale; None: peft's per-model choice
-    feedforward_modules: list[str] | None = None  # of those, the ones scaled on their input; None: peft's choice
+    target_modules: list[str] | None = Field(None, description="layers that get a learned scale; null: peft's "
+                                                               "per-model choice")
+    feedforward_modules: list[str] | None = Field(None, description="of those, the ones scaled on their input; "
+                                                                    "null: peft's choice")
 
 
 class PrefixParams(Strict):
-    num_virtual_tokens: int = Field(20, gt=0)  # learned key/value positions in front of every layer's input
+    num_virtual_tokens: int = Field(20, gt=0, description="learned key/value positions in front of every layer's "
+                                                          "input")
 
 
 class PromptParams(Strict):
-    num_virtual_tokens: int = Field(20, gt=0)  # learned embeddings in front of every input
-    init_text: str | None = None  # start them from this text's token embeddings (e.g. the task in words)
+    num_virtual_tokens: int = Field(20, gt=0, description="learned embeddings in front of every input")
+    init_text: str | None = Field(None, description="start them from this text's token embeddings (e.g. the task "
+                                                    "in words)")
 
 
 class BottleneckParams(Strict):
-    size: int = Field(64, gt=0)  # width of the bottleneck
-    non_linearity: Literal["gelu", "relu", "tanh"] = "gelu"
-    dropout: float = Field(0.0, ge=0, lt=1)  # inside the adapter, before the up-projection
-    placement: list[Literal["attention", "mlp"]] = Field(["attention", "mlp"], min_length=1)  # after which blocks
+    size: int = Field(64, gt=0, description="width of the bottleneck")
+    non_linearity: Literal["gelu", "relu", "tanh"] = Field("gelu", description="between the down- and "
+                                                                               "up-projection")
+    dropout: float = Field(0.0, ge=0, lt=1, description="inside the adapter, before the up-projection")
+    placement: list[Literal["attention", "mlp"]] = Field(["attention", "mlp"], min_length=1,
+                                                         description="the blocks an adapter follows")
 
 
 class FreezeParams(Strict):
-    train_layers: list[int] = [-2, -1]  # transformer layers to train; negative counts from the end
-    modules: list[str] | None = None  # instead: train parameters whose name contains one of these, e.g. [mlp]
-    train_embeddings: bool = False  # also train the token embeddings (and the output layer when it is separate)
+    train_layers: list[int] = Field([-2, -1], description="transformer layers to train; negative counts from the "
+                                                          "end")
+    modules: list[str] | None = Field(None, description="instead: train parameters whose name contains one of "
+                                                        "these, e.g. [mlp]")
+    train_embeddings: bool = Field(False, description="also train the token embeddings (and the output layer when "
+                                                      "it is separate)")
 
     @model_validator(mode="after")
     def _layers_or_modules(self):
@@ -125,15 +138,16 @@ class AdapterParamsMixin(Strict):
     A section that differs from its defaults but belongs to another adapter is an error, not silently unused.
     """
 
-    adapter: AdapterName = "lora"
-    lora: LoraParams = LoraParams()
-    qlora: QLoraParams = QLoraParams()
-    dora: DoraParams = DoraParams()
-    ia3: IA3Params = IA3Params()
-    prefix: PrefixParams = PrefixParams()
-    prompt: PromptParams = PromptParams()
-    bottleneck: BottleneckParams = BottleneckParams()
-    freeze: FreezeParams = FreezeParams()
+    adapter: AdapterName = Field("lora", description="which weights train; each adapter's settings go in its own "
+                                                     "section (`tunesmith methods` lists them)")
+    lora: LoraParams = Field(LoraParams(), description="adapter: lora")
+    qlora: QLoraParams = Field(QLoraParams(), description="adapter: qlora (LoRA's keys, and the quantization)")
+    dora: DoraParams = Field(DoraParams(), description="adapter: dora (LoRA's keys)")
+    ia3: IA3Params = Field(IA3Params(), description="adapter: ia3")
+    prefix: PrefixParams = Field(PrefixParams(), description="adapter: prefix")
+    prompt: PromptParams = Field(PromptParams(), description="adapter: prompt")
+    bottleneck: BottleneckParams = Field(BottleneckParams(), description="adapter: adapter (bottleneck adapters)")
+    freeze: FreezeParams = Field(FreezeParams(), description="adapter: freeze")
 
     @field_validator(*SECTIONS, mode="after")
     @classmethod
@@ -148,6 +162,14 @@ class AdapterParamsMixin(Strict):
             "unused_section", "only `adapter: {users}` reads this section, but the adapter is '{adapter}'{own}",
             {"users": " | ".join(users), "adapter": adapter,
              "own": f"; its settings go in the `{own}` section" if own else ""})
+
+    def problems(self, train, data) -> list[str]:
+        """The adapter's limits (adapter_problems), then the method's own (MethodParams.problems)."""
+        return adapter_problems(self, train) + super().problems(train, data)
+
+    def unused_keys(self) -> set[str]:
+        """Every adapter section but the chosen adapter's."""
+        return {key for key in SECTIONS if key != ADAPTERS[self.adapter].params_key}
 
 
 def adapter_settings(params) -> Strict | None:
@@ -432,18 +454,21 @@ def save_adapter(model, params, folder_root: RunDir, tokenizer=None) -> str:
     """
     spec = ADAPTERS[params.adapter]
     if spec.saved == "adapter":
-        model.save_pretrained(folder_root.adapter)
+        with staged_dir(folder_root.adapter, replace=True) as stage:
+            model.save_pretrained(stage)
         return "adapter"
     if spec.saved == "bottleneck":
         from tunesmith.methods.bottleneck import bottleneck_state, save_bottleneck
 
         own = set(bottleneck_state(model))
         heads = {n: p for n, p in model.named_parameters() if p.requires_grad and n not in own}
-        save_bottleneck(model, params.bottleneck, folder_root.adapter, extra=heads)
+        with staged_dir(folder_root.adapter, replace=True) as stage:
+            save_bottleneck(model, params.bottleneck, stage, extra=heads)
         return "adapter"
-    model.save_pretrained(folder_root.model)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder_root.model)
+    with staged_dir(folder_root.model, replace=True) as stage:
+        model.save_pretrained(stage)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage)
     return "model"
 
 

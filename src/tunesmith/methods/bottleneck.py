@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunesmith.artifacts import atomic_write
 from tunesmith.errors import RunError
 
 WEIGHTS = "bottleneck.safetensors"
@@ -128,8 +129,8 @@ def save_bottleneck(model, params, folder: Path, extra: dict[str, torch.Tensor] 
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / WEIGHTS))
     settings = {"size": params.size, "non_linearity": params.non_linearity, "dropout": params.dropout,
                 "placement": list(params.placement)}
-    (folder / CONFIG).write_text(json.dumps({"format": 1, "settings": settings, "extra": sorted(extra or {})},
-                                            indent=2) + "\n")
+    atomic_write(folder / CONFIG, json.dumps({"format": 1, "settings": settings, "extra": sorted(extra or {})},
+                                             indent=2) + "\n")
 
 
 def load_bottleneck(model, folder: Path) -> list[str]:

@@ -251,8 +251,8 @@ class KeepBest:
                 if store is not None and state.is_world_process_zero:
                     store.mkdir(parents=True, exist_ok=True)
                     save_file(self.weights, str(store / "weights.safetensors"))
-                    (store / "best.json").write_text(json.dumps({"step": self.step, "metric": metric,
-                                                                 "value": self.best, "standing": standing}))
+                    atomic_write(store / "best.json", json.dumps({"step": self.step, "metric": metric,
+                                                                  "value": self.best, "standing": standing}))
 
             def restore(self, model) -> None:
                 params = dict(model.named_parameters())

@@ -17,24 +17,35 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, ClassVar, Literal
+from typing import Annotated, Callable, ClassVar, Literal
 
 from pydantic import Field
 
+from tunesmith.artifacts import atomic_write
 from tunesmith.errors import RecipeError, RunError
 from tunesmith.methods.base import Method, TrainOutcome
 from tunesmith.methods.classify import encode_labelled
-from tunesmith.recipe import MethodParams
+from tunesmith.schema import MethodParams, PathKey
 
 FILE = "ensemble.json"
 
 
 class EnsembleParams(MethodParams):
     name: Literal["ensemble"] = "ensemble"
-    members: list[str] = Field(min_length=2)  # classifier run folders (relative to the recipe file)
-    weights: list[float] | None = None  # one per member, > 0; default equal
-    combine: Literal["mean", "geometric"] = "mean"  # mean of probabilities, or of log-probabilities renormalized
+    members: Annotated[list[str], PathKey("run")] = Field(min_length=2, description="classifier run folders "
+                                                          "(classify, features, ensemble) over the same labels")
+    weights: list[float] | None = Field(None, description="one per member, > 0; null: equal")
+    combine: Literal["mean", "geometric"] = Field("mean", description="mean of probabilities, or of "
+                                                  "log-probabilities renormalized")
     template: ClassVar[None] = None  # each member puts the text in its own prompt
+
+    def file_problems(self) -> list[str]:
+        """Every member is a finished classifier run over the first member's labels (member_runs)."""
+        try:
+            member_runs(self.members)
+        except RecipeError as exc:
+            return exc.problems
+        return []
 
 
 # ----------------------------------------------------------------------------------------------- members
@@ -70,12 +81,21 @@ def member_runs(members: list[str]) -> list[dict]:
             problems.append(f"{where} is not a finished classifier run folder (no manifest.json or labels.json); "
                             "train it first, or fix the path (relative to the recipe file)")
             continue
-        method = json.loads((root / "manifest.json").read_text()).get("method", "")
-        if REGISTRY.get(method) is None or REGISTRY[method].predict is None or method == "reward":
+        try:
+            method = json.loads((root / "manifest.json").read_text(encoding="utf-8")).get("method", "")
+            labels = json.loads((root / "labels.json").read_text(encoding="utf-8"))["labels"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            problems.append(f"{where}: its manifest.json or labels.json is damaged ({type(exc).__name__}: {exc}); "
+                            "train that member again")
+            continue
+        if not isinstance(method, str) or REGISTRY.get(method) is None or REGISTRY[method].predict is None \
+                or method == "reward":
             problems.append(f"{where} is a `{method}` run, which does not classify; members must be classify, "
                             "features or ensemble runs")
             continue
-        labels = json.loads((root / "labels.json").read_text())["labels"]
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            problems.append(f"{where}: labels.json holds no list of labels; train that member again")
+            continue
         found.append({"path": str(root.resolve()), "method": method, "labels": labels})
     if found:
         first = set(found[0]["labels"])
@@ -162,7 +182,7 @@ def train(job) -> TrainOutcome:
         del member["labels"]  # labels.json has them
     summary = {"combine": params.combine, "members": members, "validation_rows": len(gold),
                "validation_accuracy": accuracy(pooled, gold), "validation_loss": mean_nll(pooled, gold)}
-    (job.run.root / FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write(job.run.root / FILE, json.dumps(summary, indent=2) + "\n")
     write_labels(job.run.root, labels, job.tokenizer.pad_token_id, "ensemble", task="ensemble")
     with open(job.run.metrics, "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"step": 0, "epoch": 0.0, "eval_accuracy": summary["validation_accuracy"],
