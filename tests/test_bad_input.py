@@ -75,10 +75,49 @@ def run_case(case: Case, tmp: Path, capsys) -> str:
 
 # ----------------------------------------------------------------------------------------------- recipes
 
+def recipe_case(id: str, body: str, *expect: str, command: str = "validate", overrides: tuple = ()) -> Case:
+    """`tunesmith COMMAND r.yaml [overrides]` on a recipe of `data.train: train.jsonl` plus `body`; stderr names
+    r.yaml and `expect`."""
+    text = "data:\n  train: train.jsonl\n" + body
+    return Case(id, lambda t: [command, str(recipe(t, text)), *overrides], ("r.yaml", *expect))
+
+
 RECIPE_CASES: list[Case] = [
     Case("scheduler-typo", lambda t: ["validate", str(recipe(t, "data:\n  train: train.jsonl\ntrain:\n"
                                                              "  scheduler: cosin\n"))],
          ("r.yaml", "`train.scheduler`", "did you mean 'cosine'")),
+    recipe_case("learning-rate-inf", "train:\n  learning_rate: .inf\n", "`train.learning_rate`: inf is not a finite"),
+    recipe_case("learning-rate-inf-train", "train:\n  learning_rate: .inf\n", "`train.learning_rate`: inf is not a "
+                "finite number", command="train"),
+    recipe_case("epochs-inf", "train:\n  epochs: .inf\n", "`train.epochs`: inf is not a finite number"),
+    recipe_case("epochs-huge", "train:\n  epochs: 1.0e+300\n", "`train.epochs`", "must be <= 10000"),
+    recipe_case("learning-rate-nan", "train:\n  learning_rate: .nan\n", "`train.learning_rate`: nan is not a finite"),
+    recipe_case("fraction-nan", "  validation_fraction: .nan\n", "`data.validation_fraction`: nan is not a finite"),
+    recipe_case("nan-override", "", "`train.warmup_ratio`: nan is not a finite number",
+                overrides=("train.warmup_ratio=.nan",)),
+    recipe_case("batch-size-true", "train:\n  batch_size: true\n", "`train.batch_size`: true is not a whole number"),
+    recipe_case("padding-free-number", "train:\n  padding_free: 1\n", "`train.padding_free`: 1 is not true or false"),
+    recipe_case("seed-negative", "train:\n  seed: -1\n", "`train.seed`: -1 is out of range", ">= 0"),
+    recipe_case("seed-too-big", "train:\n  seed: 4294967296\n", "`train.seed`", "< 4294967296"),
+    recipe_case("max-seq-len-huge", "train:\n  max_seq_len: 100000000000000000000\n", "`train.max_seq_len`",
+                "<= 1048576"),
+    recipe_case("duplicate-key", "train:\n  epochs: 1\n  epochs: 2\n", "`train.epochs`: given twice, at lines 4 "
+                "and 5"),
+    recipe_case("duplicate-section", "data:\n  train: train.jsonl\n", "`data`: given twice, at lines 1 and 3"),
+    recipe_case("method-name-list", "method:\n  name: [sft]\n", "`method.name`: ['sft'] is not a method name",
+                "did you mean 'sft'"),
+    recipe_case("method-name-mapping", "method:\n  name: {a: 1}\n", "`method.name`: {'a': 1} is not a method name"),
+    recipe_case("method-list", "method: [sft]\n", "`method`: must be a mapping"),
+    recipe_case("model-name-number", "model:\n  name: 3\n", "`model.name`: 3 is not text"),
+    recipe_case("path-unknown-user", "  validation: ~nosuchuser/val.jsonl\n", "`data.validation`",
+                "can't expand '~nosuchuser' (no such user)"),
+    recipe_case("run-path-unknown-user", "method:\n  name: reward\n  start_from: ~nosuchuser/run\n",
+                "`method.start_from`", "can't expand '~nosuchuser'"),
+    recipe_case("override-unknown-user", "", "`output.dir`", "can't expand '~nosuchuser'",
+                overrides=("output.dir=~nosuchuser/run",)),
+    recipe_case("empty-path", "  validation: ''\n", "`data.validation`: is empty"),
+    Case("recipe-too-deep", lambda t: ["validate", str(recipe(t, "data: " + "[" * 50_000))],
+         ("r.yaml", "nested too deeply")),
 ]
 
 

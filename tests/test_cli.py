@@ -166,10 +166,11 @@ def test_methods_lists_every_registered_method(capsys):
 
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 * len(REGISTRY) and [lines[i].split()[0] for i in range(0, len(lines), 2)] == list(REGISTRY)
+    names = [line.split()[0] for line in lines if line and not line.startswith(" ")]
+    assert names[:len(REGISTRY)] == list(REGISTRY)  # then the adapters (tests/test_recipe.py checks the rows)
     assert "supervised fine-tuning" in lines[0]
-    assert lines[1].strip() == ("trains on: chat, instruction, classification, text, preference · parameters: "
-                                "adapter, lora, qlora, dora, ia3, prefix, prompt, bottleneck, freeze, train_on")
+    assert lines[1].strip() == "trains on: chat, instruction, classification, text, preference"
+    assert lines[2].split()[0] == "method.adapter" and lines[3].split()[0] == "method.train_on"
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -13,9 +13,10 @@ from conftest import write_jsonl
 from tunesmith.errors import RecipeError
 from tunesmith.methods.sft import SFTParams
 from tunesmith.recipe import (
-    DataSection, EvalSection, ModelSection, OutputSection, Recipe, TrainSection, apply_overrides, load_recipe,
-    parse_recipe, starter_recipe,
+    SECTIONS, STARTER_VALUES, DataSection, EvalSection, MethodParams, OutputSection, Recipe, Strict, TrainSection,
+    apply_overrides, load_recipe, parse_recipe, starter_recipe,
 )
+from tunesmith.schema import description as describe
 
 TRAIN_FIELDS = ", ".join(TrainSection.model_fields)
 METHODS = "sft, pretrain, classify, features, fewshot, ensemble, reward, dpo, kto, orpo, grpo, rloo, ppo"  # registry order
@@ -377,7 +378,7 @@ eval:
         "`method.adapter`: 'lorra' is not allowed; choose one of: lora, qlora, dora, ia3, prefix, prompt, adapter, freeze, full; did you mean 'lora'?",
         "`train.warmup_steps` and `train.warmup_ratio`: can't set both; choose one",
         "`train.early_stopping_patience`: needs `train.eval_every` (how often to measure validation loss)",
-        "`eval.loss_befor`: unknown key (given True); allowed here: loss_before, loss_rows; "
+        "`eval.loss_befor`: unknown key (given true); allowed here: loss_before, loss_rows; "
         "did you mean `eval.loss_before`?",
         "`eval.loss_rows`: 0 is out of range — it must be > 0",
     ])
@@ -440,7 +441,7 @@ def test_overrides_win_over_the_file_and_reach_the_recipe(tmp_path):
 def test_override_of_an_unknown_key_suggests_the_closest(tmp_path):
     path = write_recipe(tmp_path, recipe_with())
     assert problems_of(path, ["train.lerning_rate=1e-4"]) == [
-        f"`train.lerning_rate`: unknown key (given '1e-4'); allowed here: {TRAIN_FIELDS}; "
+        f"`train.lerning_rate`: unknown key (given 0.0001); allowed here: {TRAIN_FIELDS}; "
         "did you mean `train.learning_rate`?"]
 
 
@@ -538,26 +539,239 @@ def test_starter_recipe_parses_once_its_train_file_exists(tmp_path):
     assert recipe.output.dir == str(Path("runs") / "starter")
 
 
-def test_starter_recipe_shows_the_schema_defaults(tmp_path):
-    """Every value the starter writes is the schema's default, except the two it sets on purpose."""
+def test_starter_recipe_shows_every_key_with_its_schema_default():
+    """Every key of every section is written with the schema's default, except the two set on purpose; the method
+    section is the default method's with only its adapter's settings section."""
     starter = yaml.safe_load(starter_recipe())
-    on_purpose = {("data", "train"), ("train", "warmup_ratio")}
-    classes = {"data": DataSection, "train": TrainSection, "eval": EvalSection, "output": OutputSection}
-    checked = 0
-    for section, cls in classes.items():
-        for key, value in starter[section].items():
-            if (section, key) in on_purpose:
-                continue
-            field = cls.model_fields[key]
-            default = field.default_factory() if field.default_factory else field.default
-            if hasattr(default, "model_validate"):  # a nested section: the keys shown have their defaults
-                assert type(default).model_validate(value) == default, f"{section}.{key}"
-            else:
-                assert value == default, f"{section}.{key}"
-            checked += 1
-    assert checked == 30
-    assert starter["model"] == {"name": ModelSection().name}
+    assert list(starter) == ["model", "data", "method", "train", "eval", "output"]
+    for section, cls in SECTIONS.items():
+        assert list(starter[section]) == list(cls.model_fields), section
+        expected = cls.model_validate(STARTER_VALUES.get(section, {}))
+        assert cls.model_validate(starter[section]) == expected, section
+    assert STARTER_VALUES == {"data": {"train": "train.jsonl"}, "train": {"warmup_ratio": 0.05}}
+    assert list(starter["method"]) == ["name", "adapter", "lora", "train_on"]
     assert SFTParams.model_validate(starter["method"]) == SFTParams()
+
+
+def test_starter_recipe_comments_are_the_schema_descriptions():
+    lines = {line.split(":")[0].strip(): line for line in starter_recipe().splitlines() if ":" in line
+             and not line.startswith("#")}
+    rate = TrainSection.model_fields["learning_rate"].description
+    assert rate == "peak learning rate (AdamW)"
+    assert lines["learning_rate"] == f"  learning_rate: 0.0002{' ' * 9}# {rate}"
+    assert lines["scheduler"].endswith("# how the learning rate moves after warmup (linear | cosine | constant)")
+    assert lines["r"] == f"{'    r: 16':<30}  # rank of the update matrices"
+    assert lines["train"] == f"train:{' ' * 26}# the optimizer and the training loop"
+    assert "  name: sft                     # the training method (`tunesmith methods` lists them)" in starter_recipe()
+    assert "qlora" not in yaml.safe_load(starter_recipe())["method"]
+
+
+def all_fields(cls, prefix: str):
+    """(dotted key, FieldInfo) of every field of `cls`, nested sections included."""
+    for name, field in cls.model_fields.items():
+        sub = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, Strict) \
+            else None
+        yield from all_fields(sub, f"{prefix}.{name}") if sub else [(f"{prefix}.{name}", cls, name)]
+
+
+def test_every_schema_field_has_a_one_line_description():
+    from tunesmith.methods import REGISTRY
+
+    classes = [(cls, name) for name, cls in SECTIONS.items()] + [(m.params, "method") for m in REGISTRY.values()]
+    keys = [(key, describe(cls, name)) for root, prefix in classes for key, cls, name in all_fields(root, prefix)]
+    assert len(keys) > 150
+    assert [key for key, text in keys if not text or "\n" in text or len(text) > 200] == []
+
+
+def test_methods_listing_shows_each_parameter_with_type_default_and_meaning(capsys):
+    from tunesmith.cli import main
+    from tunesmith.methods import REGISTRY
+    from tunesmith.methods.adapters import ADAPTERS
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("sft       supervised fine-tuning")
+    assert "          method.train_on  responses | all (default responses) — loss on assistant turns only, or on " \
+           "every token" in lines
+    assert any(line.startswith("          method.adapter ") and "lora | qlora | dora | ia3 | prefix | prompt | "
+               "adapter | freeze | full (default lora) — which weights train" in line for line in lines)
+    assert "          method.lora.r               whole number > 0 (default 16) — rank of the update matrices" in lines
+    assert any(line.startswith("          method.members  list of run folder (required) — ") for line in lines)
+    assert any(line.startswith("          method.seed ") and "whole number >= 0 and < 4294967296 (default 0)" in line
+               for line in lines)
+    starts = [line.split()[0] for line in lines if line and not line.startswith(" ")]
+    assert starts == [*REGISTRY, "adapters", *ADAPTERS]
+    for method in REGISTRY.values():  # every parameter but the adapter sections, with its description
+        for key, cls, name in all_fields(method.params, "method"):
+            if name != "name" and key.count(".") == 1:
+                assert any(f" {key} " in line and line.endswith(describe(cls, name)) for line in lines), key
+
+
+# ----------------------------------------------------------------------------------------------- methods
+
+
+def test_the_recipe_module_imports_no_method(tmp_path):
+    """Layering: recipe.py sits below the methods; it reads them only from the table handed to it."""
+    import ast
+
+    import tunesmith.recipe as recipe_module
+
+    tree = ast.parse(Path(recipe_module.__file__).read_text(encoding="utf-8"))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not [name for name in imported if name and name.startswith("tunesmith.methods")]
+    assert "sft" not in Path(recipe_module.__file__).read_text(encoding="utf-8")
+
+
+def test_a_method_table_handed_in_is_the_one_the_recipe_reads(tmp_path):
+    """Any table of methods will do: the first is the default, its params schema and check are asked."""
+    from dataclasses import dataclass
+    from typing import Literal
+
+    from pydantic import Field
+
+    class ToyParams(MethodParams):
+        name: Literal["toy"] = "toy"
+        level: int = Field(1, gt=0, description="how much")
+
+    @dataclass
+    class Toy:
+        name: str = "toy"
+        params: type = ToyParams
+        record_types: tuple = ("text",)
+        metrics: tuple = ("loss",)
+        check = staticmethod(lambda method, train, data: [f"`method.level`: {method.level} is too high"]
+                             if method.level > 2 else [])
+
+    path = write_recipe(tmp_path, recipe_with())
+    assert load_recipe(path, methods={"toy": Toy()}).method == ToyParams()
+    assert problems_of(path, ["method.level=3"], methods={"toy": Toy()}) == ["`method.level`: 3 is too high"]
+    assert problems_of(path, ["method.name=sft"], methods={"toy": Toy()}) == [
+        "`method.name`: 'sft' is not allowed; choose one of: toy"]
+    assert "  level: 1                      # how much" in starter_recipe(methods={"toy": Toy()})
+
+
+# ----------------------------------------------------------------------------------------------- values train would crash on
+
+NO_USER = "~no-such-user-tunesmith"
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("train: {learning_rate: .inf}", "`train.learning_rate`: inf is not a finite number"),
+    ("train: {epochs: .inf}", "`train.epochs`: inf is not a finite number"),
+    ("train: {learning_rate: .nan}", "`train.learning_rate`: nan is not a finite number"),
+    ("train: {max_grad_norm: -.inf}", "`train.max_grad_norm`: -inf is not a finite number"),
+    ("data: {train: train.jsonl, validation_fraction: .nan}", "`data.validation_fraction`: nan is not a finite number"),
+    ("method: {name: sft, lora: {alpha: .inf}}", "`method.lora.alpha`: inf is not a finite number"),
+    ("method: {name: ensemble, members: [a, b], weights: [1, .nan]}", "`method.weights[1]`: nan is not a finite number"),
+    ("train: {batch_size: true}", "`train.batch_size`: true is not a whole number"),
+    ("train: {learning_rate: false}", "`train.learning_rate`: false is not a number"),
+    ("train: {padding_free: 1}", "`train.padding_free`: 1 is not true or false"),
+    ("train: {max_steps: '10'}", "`train.max_steps`: '10' is not a whole number"),
+    ("train: {seed: -1}", "`train.seed`: -1 is out of range — it must be >= 0"),
+    ("train: {seed: 4294967296}", "`train.seed`: 4294967296 is out of range — it must be < 4294967296"),
+    ("method: {name: fewshot, seed: -3}", "`method.seed`: -3 is out of range — it must be >= 0"),
+    ("train: {epochs: 1.0e+300}", "`train.epochs`: 1e+300 is out of range — it must be <= 10000.0"),
+    ("train: {max_seq_len: 100000000000000000000}",
+     "`train.max_seq_len`: 100000000000000000000 is out of range — it must be <= 1048576"),
+    ("model: {name: 3}", "`model.name`: 3 is not text (a string)"),
+    ("method: {name: [sft]}", "`method.name`: ['sft'] is not a method name; write one name, e.g. `method: sft`, "
+                              f"from: {METHODS}; did you mean 'sft'?"),
+    ("method: {name: {sft: 1}}", "`method.name`: {'sft': 1} is not a method name; write one name, e.g. "
+                                 f"`method: sft`, from: {METHODS}"),
+    ("method: [sft]", "`method`: must be a mapping with a `name`, got ['sft']"),
+    ("data: {train: train.jsonl, validation: ''}",
+     "`data.validation`: is empty; give a value, or leave the key out for its default"),
+], ids=lambda v: v if len(v) < 40 else None)
+def test_values_train_would_crash_on_are_reported_by_name(tmp_path, text, problem):
+    extra = "" if text.startswith("data:") else "data: {train: train.jsonl}\n"
+    path = write_recipe(tmp_path, extra + text + "\n")
+    assert problems_of(path) == [problem]
+
+
+def test_numbers_stay_numbers_however_they_are_written(tmp_path):
+    """Ints are taken for floats; `1e-4` (YAML 1.1 would read text) is a number, in the file and in overrides."""
+    path = write_recipe(tmp_path, "data: {train: train.jsonl}\ntrain: {learning_rate: 1e-4, epochs: 2, "
+                                  "max_grad_norm: 1}\nmethod: {name: sft, lora: {alpha: 2E1}}\n")
+    recipe = load_recipe(path)
+    assert (recipe.train.learning_rate, recipe.train.epochs, recipe.method.lora.alpha) == (1e-4, 2.0, 20.0)
+    assert type(recipe.train.epochs) is float
+    assert load_recipe(path, ["train.learning_rate=3e-5", "train.seed=7"]).train.learning_rate == 3e-5
+    assert problems_of(path, ["train.batch_size=yes"]) == ["`train.batch_size`: true is not a whole number"]
+
+
+def test_a_method_left_empty_is_the_default_method(tmp_path):
+    path = write_recipe(tmp_path, "data: {train: train.jsonl}\nmethod:\n")
+    assert load_recipe(path).method.name == "sft"
+
+
+def test_duplicate_keys_are_errors_naming_the_key_and_both_lines(tmp_path):
+    text = """\
+data:
+  train: train.jsonl
+train:
+  epochs: 1
+  batch_size: 0
+  epochs: 3
+method:
+  name: sft
+  lora:
+    r: 8
+    r: 4
+data: {train: train.jsonl}
+"""
+    path = write_recipe(tmp_path, text)
+    assert problems_of(path) == [  # in the file's order, then the other problems: all at once
+        "`train.epochs`: given twice, at lines 4 and 6; keep one (the last would silently win)",
+        "`method.lora.r`: given twice, at lines 10 and 11; keep one (the last would silently win)",
+        "`data`: given twice, at lines 1 and 12; keep one (the last would silently win)",
+        "`train.batch_size`: 0 is out of range — it must be > 0",
+    ]
+
+
+def test_the_same_key_in_different_mappings_is_no_duplicate(tmp_path):
+    path = write_recipe(tmp_path, "data: {train: train.jsonl, check: {min_words: 1}, clean: {min_words: 2}}\n"
+                                  "train: {epochs: 2, seed: 1}\n")
+    recipe = load_recipe(path)
+    assert (recipe.data.check.min_words, recipe.data.clean.min_words, recipe.train.epochs) == (1, 2, 2.0)
+
+
+def test_recipe_nested_too_deeply_is_refused_by_name(tmp_path):
+    path = write_recipe(tmp_path, "data: " + "[" * 50_000)
+    assert problems_of(path) == ["not a recipe: its YAML is nested too deeply to read"]
+
+
+@pytest.mark.parametrize("section, key", [("data", "train"), ("data", "validation"), ("model", "cache_dir"),
+                                          ("output", "dir")])
+def test_home_of_an_unknown_user_is_reported_by_key(tmp_path, section, key):
+    raw = recipe_with()
+    raw.setdefault(section, {})[key] = f"{NO_USER}/x"
+    path = write_recipe(tmp_path, raw)
+    assert problems_of(path) == [f"`{section}.{key}`: '{NO_USER}/x' — can't expand '{NO_USER}' (no such user); give "
+                                 "the path without ~, or with ~/ for your own home folder"]
+
+
+def test_home_of_an_unknown_user_in_overrides_and_run_folders(tmp_path):
+    path = write_recipe(tmp_path, recipe_with(method={"name": "dpo", "policy": f"{NO_USER}/sft-run"},
+                                              data={"train": "train.jsonl", "format": "preference"}))
+    hint = "(no such user); give the path without ~, or with ~/ for your own home folder"
+    assert problems_of(path, [f"data.validation={NO_USER}/v.jsonl"]) == [
+        f"`data.validation`: '{NO_USER}/v.jsonl' — can't expand '{NO_USER}' {hint}",
+        f"`method.policy`: '{NO_USER}/sft-run' — can't expand '{NO_USER}' {hint}"]
+
+
+def test_a_damaged_ensemble_member_is_a_recipe_problem(tmp_path):
+    for name, manifest in (("a", "{not json"), ("b", '{"method": "classify"}')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(manifest)
+        (tmp_path / name / "labels.json").write_text('{"labels": ["neg", "pos"]}')
+    path = write_recipe(tmp_path, {"data": {"train": "train.jsonl", "format": "classification"},
+                                   "method": {"name": "ensemble", "members": ["a", "b"]}})
+    [line] = problems_of(path)
+    assert line.startswith(f"`method.members[0]`: {str(tmp_path / 'a')!r}: its manifest.json or labels.json is "
+                           "damaged (JSONDecodeError")
+    assert line.endswith("train that member again")
 
 
 # ----------------------------------------------------------------------------------------------- no torch
@@ -565,7 +779,7 @@ def test_starter_recipe_shows_the_schema_defaults(tmp_path):
 
 def test_loading_a_recipe_does_not_import_torch(tmp_path):
     path = write_recipe(tmp_path, recipe_with())
-    code = ("import sys, tunesmith.recipe as r; r.load_recipe(sys.argv[1]); "
+    code = ("import sys, tunesmith.methods, tunesmith.recipe as r; r.load_recipe(sys.argv[1]); "
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

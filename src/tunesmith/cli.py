@@ -354,12 +354,22 @@ def cmd_export(args) -> int:
 
 
 def cmd_methods(args) -> int:
+    """Every method and adapter, each parameter with its type, default and meaning (from the recipe schema)."""
     from tunesmith.methods import REGISTRY
+    from tunesmith.methods.adapters import ADAPTERS, SECTIONS
+    from tunesmith.schema import field_table
 
+    pad = " " * 10
+    lines = []
     for name, method in REGISTRY.items():
-        params = ", ".join(f for f in method.params.model_fields if f != "name")
-        print(f"{name:<8} {method.summary}\n{'':<8} trains on: {', '.join(method.record_types)} · "
-              f"parameters: {params}")
+        lines += [f"{name:<9} {method.summary}", f"{pad}trains on: {', '.join(method.record_types)}"]
+        lines += field_table(method.params, "method", skip=("name", *SECTIONS), indent=pad)
+    lines += ["", "adapters (method.adapter, for every method that has the key; settings in their own section):"]
+    for name, spec in ADAPTERS.items():
+        lines.append(f"{name:<9} {spec.summary}")
+        key = spec.params_key
+        lines += field_table(SECTIONS[key], f"method.{key}", indent=pad) if key else [f"{pad}(no settings)"]
+    print("\n".join(lines))
     return 0
 
 

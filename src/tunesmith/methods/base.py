@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from tunesmith.recipe import MethodParams
+from tunesmith.schema import MethodParams
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,9 @@ class Method:
     gives each evaluation row's in-context examples, `fixed()` those generate and chat put before a conversation.
     `check(method, train, data)` lists the settings this method can't honour, in recipe wording; the recipe loader
     runs it, so `tunesmith validate` reports them before anything is loaded (`data` may be None when invalid).
+    What its parameters alone say (an adapter's limits, the run folders they name) the params class checks itself:
+    `MethodParams.problems` and `file_problems` (tunesmith/schema.py). The recipe reads a method only through these
+    fields (`name`, `params`, `record_types`, `metrics`, `check`: schema.MethodSchema) and never by its name.
     `export(run_dir, out)`, for classifier runs that can stand alone as a transformers model (classify, reward),
     writes that folder; `tunesmith export` refuses the other classifiers and merges the generators.
     """

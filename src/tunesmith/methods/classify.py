@@ -35,7 +35,7 @@ from tunesmith.data.format import Encoded
 from tunesmith.errors import DataError
 from tunesmith.methods.adapters import AdapterParamsMixin
 from tunesmith.methods.base import Method, TrainOutcome, padded_batches
-from tunesmith.recipe import MethodParams, Strict
+from tunesmith.schema import MethodParams, Strict
 
 TASK = "seq-cls"
 SLOT = "{text}"
@@ -44,9 +44,9 @@ SLOT = "{text}"
 class TextTemplateMixin(Strict):
     """How a row's text is put to the model, shared by the methods that read a label from it (classify, features)."""
 
-    # a prompt around each text, `{text}` marking where it goes, e.g. "Review: {text}\nSentiment:" — a decoder's
-    # last token then stands where the answer would begin, which is what the head reads; null = the text alone
-    template: str | None = None
+    # a decoder's last token then stands where the answer would begin, which is what the head reads
+    template: str | None = Field(None, description="a prompt around each text, {text} marking where it goes, e.g. "
+                                                   "'Review: {text}\\nSentiment:'; null: the text alone")
 
     @field_validator("template")
     @classmethod
@@ -61,14 +61,16 @@ class ClassifyParams(TextTemplateMixin, AdapterParamsMixin, MethodParams):
     """Any adapter of methods/adapters.py adapts the body; the new head is always trained in full."""
 
     name: Literal["classify"] = "classify"
-    # what the head reads: the model's own choice (last token / [CLS] pooler), or the mean of the token states;
     # auto: mean where the model folder's sentence-transformers config says it was trained for mean pooling
-    pooling: Literal["auto", "model", "mean"] = "auto"
-    # the head's starting weights: random, or `probe` — a logistic regression fitted on what the head reads from the
-    # frozen model for each training row (linear probing then fine-tuning, "LP-FT", Kumar et al. 2022): training
-    # starts at the features method's accuracy instead of chance and the body's features are disturbed less
-    head_init: Literal["random", "probe"] = "random"
-    probe_C: float = Field(1.0, gt=0)  # the probe's inverse regularization strength (scikit-learn's C)
+    pooling: Literal["auto", "model", "mean"] = Field(
+        "auto", description="what the head reads: the model's own choice (last token / [CLS] pooler), or the mean "
+                            "of the token states; auto: mean for sentence-transformers encoders")
+    # probe: linear probing then fine-tuning ("LP-FT", Kumar et al. 2022): training starts at the features method's
+    # accuracy instead of chance and the body's features are disturbed less
+    head_init: Literal["random", "probe"] = Field(
+        "random", description="the head's starting weights: random, or a logistic regression fitted on what it "
+                              "reads from the frozen model (linear probing, then fine-tuning)")
+    probe_C: float = Field(1.0, gt=0, description="the probe's inverse regularization strength (scikit-learn's C)")
 
 
 # ----------------------------------------------------------------------------------------------- rows

@@ -22,16 +22,19 @@ from pydantic import Field
 
 from tunesmith.methods.base import Method, TrainOutcome
 from tunesmith.methods.classify import TextTemplateMixin, encode_labelled, tokenize_text  # the same rows
-from tunesmith.recipe import MethodParams
+from tunesmith.schema import MethodParams
 
 
 class FeaturesParams(TextTemplateMixin, MethodParams):
     name: Literal["features"] = "features"
-    pooling: Literal["mean", "last"] = "mean"  # mean over non-pad tokens, or the last non-pad token (decoders)
-    classifier: Literal["logistic", "linear_svm"] = "logistic"
-    C: float = Field(1.0, gt=0)  # inverse regularization strength: smaller = simpler classifier
-    standardize: bool = True  # scale each embedding dimension to mean 0, sd 1 over the training rows
-    max_iter: int = Field(1000, gt=0)  # solver iterations
+    pooling: Literal["mean", "last"] = Field("mean", description="mean over non-pad tokens, or the last non-pad "
+                                                                 "token (decoders)")
+    classifier: Literal["logistic", "linear_svm"] = Field("logistic", description="the scikit-learn classifier "
+                                                                                  "fitted on the embeddings")
+    C: float = Field(1.0, gt=0, description="inverse regularization strength: smaller = simpler classifier")
+    standardize: bool = Field(True, description="scale each embedding dimension to mean 0, sd 1 over the training "
+                                                "rows")
+    max_iter: int = Field(1000, gt=0, description="solver iterations")
 
 
 # ----------------------------------------------------------------------------------------------- embeddings

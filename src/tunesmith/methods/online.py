@@ -18,7 +18,7 @@ import importlib.util
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, ClassVar, Literal
+from typing import Annotated, Callable, ClassVar, Literal
 
 from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
@@ -27,7 +27,7 @@ from tunesmith.data.format import IGNORE, Encoded, preference_pair, prompt_messa
 from tunesmith.errors import RecipeError
 from tunesmith.methods.base import Method, TrainOutcome, all_checks, own_batches, padded_batches
 from tunesmith.methods.preference import AlignmentRows, PolicyParams, chat_ids, fit_prompt
-from tunesmith.recipe import MethodParams
+from tunesmith.schema import MethodParams, PathKey
 
 # GRPOConfig.loss_type in TRL 1.16 (its field help; a test keeps them equal)
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
@@ -39,10 +39,13 @@ GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", 
 class OnlineParams(PolicyParams):
     """Sampling and the reward source, shared by GRPO and RLOO."""
 
-    max_completion_length: int = Field(256, gt=0)  # tokens sampled per reply (the prompt gets the rest of max_seq_len)
-    temperature: float = Field(1.0, gt=0)  # sampling temperature
-    reward_model: str | None = None  # a `method: reward` run folder that scores the replies
-    reward_function: str | None = Field(None, validate_default=True)  # or `module:function` / `file.py:function`
+    max_completion_length: int = Field(256, gt=0, le=2**20, description="tokens sampled per reply (the prompt gets "
+                                                                        "the rest of train.max_seq_len)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    reward_model: Annotated[str | None, PathKey("run")] = Field(
+        None, min_length=1, description="a `method: reward` run folder that scores the replies")
+    reward_function: str | None = Field(None, validate_default=True, description="or `module:function` / "
+                                        "`file.py:function` returning one score per reply")
 
     @field_validator("reward_function", mode="after")
     @classmethod
@@ -61,15 +64,18 @@ class OnlineParams(PolicyParams):
 
 class GRPOParams(OnlineParams, MethodParams):
     name: Literal["grpo"] = "grpo"
-    num_generations: int = Field(8, ge=2)  # replies sampled per prompt; advantages compare them within the group
-    beta: float = Field(0.0, ge=0)  # KL penalty towards the reference (0: no reference model is run)
-    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = "dapo"  # TRL's
+    num_generations: int = Field(8, ge=2, description="replies sampled per prompt; advantages compare them within "
+                                                      "the group")
+    beta: float = Field(0.0, ge=0, description="KL penalty towards the reference (0: no reference model is run)")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = Field(
+        "dapo", description="TRL's GRPO loss variants")
 
 
 class RLOOParams(OnlineParams, MethodParams):
     name: Literal["rloo"] = "rloo"
-    num_generations: int = Field(2, ge=2)  # replies per prompt; each is baselined by the others' mean reward
-    beta: float = Field(0.05, ge=0)  # KL penalty towards the reference (0: no reference model is run)
+    num_generations: int = Field(2, ge=2, description="replies per prompt; each is baselined by the others' mean "
+                                                      "reward")
+    beta: float = Field(0.05, ge=0, description="KL penalty towards the reference (0: no reference model is run)")
 
 
 # ----------------------------------------------------------------------------------------------- rows

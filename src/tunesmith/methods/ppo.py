@@ -32,7 +32,7 @@ from pydantic import Field
 from tunesmith.methods.base import Method, TrainOutcome, all_checks
 from tunesmith.methods.online import (PROMPT_KINDS, ROLLOUT_BATCHES, OnlineParams, PromptRow,  # noqa: F401 - re-exported
                                      encode_prompts, reply_budget)
-from tunesmith.recipe import MethodParams
+from tunesmith.schema import MethodParams
 
 VALUE_HEAD = "value_head.safetensors"
 Score = Callable[[list[list[dict[str, str]]], list[str]], list[float]]
@@ -43,22 +43,24 @@ class PPOParams(OnlineParams, MethodParams):
     OnlineParams'; the rest is PPO's."""
 
     name: Literal["ppo"] = "ppo"
-    kl_coef: float = Field(0.05, ge=0)  # weight of the per-token KL penalty (the start value when adaptive)
-    adaptive_kl: bool = False  # move kl_coef towards target_kl (Ziegler et al.'s proportional controller)
-    target_kl: float = Field(6.0, gt=0)  # adaptive: the wanted KL per reply (nats, summed over its tokens)
-    kl_horizon: int = Field(10000, gt=0)  # adaptive: replies over which kl_coef moves by at most 20%
-    ppo_epochs: int = Field(4, gt=0)  # passes over each step's replies
-    rollout_batch_size: int | None = Field(None, gt=0)  # prompts per step; None: train.batch_size
-    mini_batch_size: int | None = Field(None, gt=0)  # replies per optimizer update; None: the whole rollout
-    clip_range: float = Field(0.2, gt=0)  # the probability ratio is clipped to 1 ± this
-    clip_range_value: float = Field(0.2, gt=0)  # a value moves at most this far from its rollout value
-    vf_coef: float = Field(0.1, ge=0)  # weight of the value loss
-    gamma: float = Field(1.0, ge=0, le=1)  # discount per token
-    lam: float = Field(0.95, ge=0, le=1)  # GAE's lambda
-    top_k: int | None = Field(None, gt=0)  # sample from the k likeliest tokens only
-    top_p: float | None = Field(None, gt=0, le=1)  # sample from the smallest set holding this probability
-    whiten_advantages: bool = True  # advantages to mean 0, variance 1 per step
-    missing_eos_penalty: float | None = Field(None, ge=0)  # subtracted from the score of a reply cut off unfinished
+    kl_coef: float = Field(0.05, ge=0, description="weight of the per-token KL penalty (the start value when adaptive)")
+    adaptive_kl: bool = Field(
+        False, description="move kl_coef towards target_kl (Ziegler et al.'s proportional controller)")
+    target_kl: float = Field(6.0, gt=0, description="adaptive: the wanted KL per reply (nats, summed over its tokens)")
+    kl_horizon: int = Field(10000, gt=0, description="adaptive: replies over which kl_coef moves by at most 20%")
+    ppo_epochs: int = Field(4, gt=0, description="passes over each step's replies")
+    rollout_batch_size: int | None = Field(None, gt=0, description="prompts per step; null: train.batch_size")
+    mini_batch_size: int | None = Field(None, gt=0, description="replies per optimizer update; null: the whole rollout")
+    clip_range: float = Field(0.2, gt=0, description="the probability ratio is clipped to 1 ± this")
+    clip_range_value: float = Field(0.2, gt=0, description="a value moves at most this far from its rollout value")
+    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount per token")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE's lambda")
+    top_k: int | None = Field(None, gt=0, description="sample from the k likeliest tokens only")
+    top_p: float | None = Field(None, gt=0, le=1, description="sample from the smallest set holding this probability")
+    whiten_advantages: bool = Field(True, description="advantages to mean 0, variance 1 per step")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="subtracted from the score of a reply cut off unfinished")
 
 
 # ----------------------------------------------------------------------------------------------- PPO pieces

@@ -21,7 +21,7 @@ import difflib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -30,7 +30,7 @@ from tunesmith.data.format import IGNORE, Encoded, preference_pair, prompt_messa
 from tunesmith.errors import DataError, RecipeError
 from tunesmith.methods.adapters import AdapterParamsMixin
 from tunesmith.methods.base import Method, TrainOutcome, all_checks, own_batches, padded_batches
-from tunesmith.recipe import MethodParams
+from tunesmith.schema import MethodParams, PathKey
 
 # DPOConfig.loss_type in TRL 1.16 (its field help and DPOTrainer's "Unknown loss type" list; a test keeps them equal)
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -43,17 +43,24 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
 class PolicyParams(AdapterParamsMixin):
     """What every alignment method starts from, shared by preference.py and online.py."""
 
-    policy: str | None = None  # a finished SFT run whose adapter this run trains further (default: a fresh adapter)
-    disable_dropout: bool = True  # TRL's default: no dropout, so policy and reference log-probs compare like for like
+    policy: Annotated[str | None, PathKey("run")] = Field(
+        None, min_length=1, description="a finished SFT run whose adapter this run trains further (null: a fresh "
+                                        "adapter)")
+    disable_dropout: bool = Field(True, description="no dropout (TRL's default), so policy and reference "
+                                                    "log-probs compare like for like")
 
 
 class DPOParams(PolicyParams, MethodParams):
     name: Literal["dpo"] = "dpo"
-    beta: float = Field(0.1, gt=0)  # how far from the reference the policy may move (higher: less); IPO's tau
-    loss_type: list[str] = ["sigmoid"]  # one of DPO_LOSS_TYPES, or a list of them combined with loss_weights
-    loss_weights: list[float] | None = None  # one weight per loss_type (default: 1 each)
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # robust: chance a label is flipped; exo_pair: epsilon (>0)
-    precompute_ref_log_probs: bool = False  # score every pair under the reference once, before training
+    beta: float = Field(0.1, gt=0, description="how far from the reference the policy may move (higher: less); "
+                                               "IPO's tau")
+    loss_type: list[str] = Field(["sigmoid"], description=f"one of {', '.join(DPO_LOSS_TYPES)}; or a list of "
+                                                          "them combined with loss_weights")
+    loss_weights: list[float] | None = Field(None, description="one weight per loss_type (null: 1 each)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="robust: chance a label is flipped; exo_pair: "
+                                                                  "epsilon (> 0)")
+    precompute_ref_log_probs: bool = Field(False, description="score every pair under the reference once, before "
+                                                              "training")
 
     @field_validator("loss_type", mode="before")
     @classmethod
@@ -84,16 +91,19 @@ class DPOParams(PolicyParams, MethodParams):
 
 class KTOParams(PolicyParams, MethodParams):
     name: Literal["kto"] = "kto"
-    beta: float = Field(0.1, gt=0)  # how far from the reference the policy may move (higher: less)
-    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"  # TRL's two unpaired losses
-    desirable_weight: float = Field(1.0, gt=0)  # weight of the desirable (label true) rows' loss
-    undesirable_weight: float = Field(1.0, gt=0)  # weight of the undesirable rows' loss; balance rare labels
-    precompute_ref_log_probs: bool = False  # score every row under the reference once, before training
+    beta: float = Field(0.1, gt=0, description="how far from the reference the policy may move (higher: less)")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field("kto", description="TRL's two unpaired losses")
+    desirable_weight: float = Field(1.0, gt=0, description="weight of the desirable (label true) rows' loss")
+    undesirable_weight: float = Field(1.0, gt=0, description="weight of the undesirable rows' loss; balance rare "
+                                                             "labels")
+    precompute_ref_log_probs: bool = Field(False, description="score every row under the reference once, before "
+                                                              "training")
 
 
 class ORPOParams(PolicyParams, MethodParams):
     name: Literal["orpo"] = "orpo"
-    beta: float = Field(0.1, gt=0)  # weight of the odds-ratio term next to the chosen replies' NLL (the paper's λ)
+    beta: float = Field(0.1, gt=0, description="weight of the odds-ratio term next to the chosen replies' NLL (the "
+                                               "paper's λ)")
 
 
 # ----------------------------------------------------------------------------------------------- rows

@@ -26,14 +26,15 @@ from pydantic_core import PydanticCustomError
 from tunesmith.data.format import IGNORE, Encoded, encode_text
 from tunesmith.methods.adapters import AdapterParamsMixin
 from tunesmith.methods.base import Method, TrainOutcome
-from tunesmith.recipe import MethodParams
+from tunesmith.schema import MethodParams
 
 
 class PretrainParams(AdapterParamsMixin, MethodParams):
     """Any adapter of methods/adapters.py but prefix and prompt tuning."""
 
     name: Literal["pretrain"] = "pretrain"
-    block_size: int | None = Field(None, gt=8)  # tokens per packed block; None: train.max_seq_len
+    block_size: int | None = Field(None, gt=8, le=2**20, description="tokens per packed block; null: "
+                                                                     "train.max_seq_len")
 
     @field_validator("adapter")
     @classmethod

@@ -17,7 +17,7 @@ import contextlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -25,7 +25,7 @@ from tunesmith.data.format import Encoded, encode_chat, preference_pair
 from tunesmith.errors import DataError
 from tunesmith.methods.adapters import AdapterParamsMixin
 from tunesmith.methods.base import Method, TrainOutcome, padded_batches
-from tunesmith.recipe import MethodParams
+from tunesmith.schema import MethodParams, PathKey
 
 TASK = "seq-cls"
 LABEL = "reward"
@@ -35,8 +35,10 @@ class RewardParams(AdapterParamsMixin, MethodParams):
     """Any adapter adapts the body; the one-output head is always trained in full."""
 
     name: Literal["reward"] = "reward"
-    start_from: str | None = None  # an SFT run folder whose weights the reward model starts from (default: the base)
-    center_rewards: float = Field(0.0, ge=0)  # weight of the mean squared score (keeps rewards centred on 0)
+    start_from: Annotated[str | None, PathKey("run")] = Field(
+        None, min_length=1, description="an SFT run folder whose weights the reward model starts from (null: the base)")
+    center_rewards: float = Field(0.0, ge=0, description="weight of the mean squared score (keeps rewards centred "
+                                                         "on 0)")
 
 
 # ----------------------------------------------------------------------------------------------- rows

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from tunesmith.methods.adapters import (AdapterParamsMixin, LoraParams, keep_adapter_sums_in_fp32,  # noqa: F401
                                         use_fast_dropout)
 from tunesmith.methods.base import Method, TrainOutcome
-from tunesmith.recipe import MethodParams
+from tunesmith.schema import MethodParams
 
 
 class SFTParams(AdapterParamsMixin, MethodParams):
     name: Literal["sft"] = "sft"
-    train_on: Literal["responses", "all"] = "responses"  # loss on assistant turns only, or on every token
+    train_on: Literal["responses", "all"] = Field("responses", description="loss on assistant turns only, or on "
+                                                                          "every token")
 
 
 def train(job) -> TrainOutcome:
