@@ -299,6 +299,12 @@ def test_class_weights_file_must_cover_every_label(tmp_path):
     with pytest.raises(DataError, match="no weight for labels b"):
         load_class_weights(str(tmp_path / "w.json"), records)
     assert load_class_weights("auto", records) == {"a": 0.75, "b": 1.5}
+    (tmp_path / "w.json").write_bytes(b'{"weights": {"a": 1.0, "b\xe9": 2.0}}')
+    with pytest.raises(DataError, match=r"w\.json: line 1, column 26 is not UTF-8 \(byte 0xe9"):
+        load_class_weights(str(tmp_path / "w.json"), records)
+    (tmp_path / "w.json").write_text('{"weights":\n {"a": 1.0,}}')
+    with pytest.raises(DataError, match=r"can't read class weights \(malformed JSON: .* at line 2, column 12\)"):
+        load_class_weights(str(tmp_path / "w.json"), records)
 
 
 def test_weighted_loss_is_the_row_weighted_token_mean(tiny_model_dir):
@@ -319,3 +325,168 @@ def test_weighted_loss_is_the_row_weighted_token_mean(tiny_model_dir):
     mask = labels[:, 1:] != -100
     expected = ((per * mask) * weights[:, None]).sum() / mask.sum()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- data check = train gate
+
+CHATS = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                       {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(24)]
+
+
+class ReachedTraining(Exception):
+    """Raised in place of training: the data passed every gate before it."""
+
+
+def training_refuses(recipe_path: Path, monkeypatch) -> str | None:
+    """Run `tunesmith train`'s own data stage on the recipe: the DataError message that stops it, or None."""
+    import dataclasses
+
+    from tunesmith.errors import DataError
+    from tunesmith.methods import REGISTRY
+    from tunesmith.recipe import load_recipe
+    from tunesmith.train import train_run
+
+    recipe = load_recipe(recipe_path)
+
+    def reached(_job):
+        raise ReachedTraining
+
+    monkeypatch.setitem(REGISTRY, recipe.method.name, dataclasses.replace(REGISTRY[recipe.method.name], train=reached))
+    try:
+        train_run(recipe, echo=lambda _line: None)
+    except DataError as exc:
+        return exc.message
+    except ReachedTraining:
+        return None
+    raise AssertionError("train_run neither trained nor stopped")
+
+
+def gate_files(tmp: Path, case: str) -> tuple[list[dict], list[dict] | None, str]:
+    """(training rows, validation rows or None, extra recipe lines) for each gate case."""
+    rows, val, extra = [dict(r) for r in CHATS], None, ""
+    if case.startswith("malformed"):
+        rows = rows[:20] + ['{"messages": [', "not json", '{"messages": "x"}', "[1]"]  # 4 of 24 rejected
+        extra = "  max_reject_fraction: 0.2\n" if case.endswith("allowed") else ""
+    elif case.startswith("duplicates"):
+        rows = rows[:20] + [dict(r) for r in rows[:4]]  # 4 exact copies: 4 of 24 duplicate
+        extra = "  check: {enabled: false}\n" if case.endswith("allowed") else ""
+    elif case.startswith("leakage"):
+        val = [dict(r) for r in rows[:2]] + [{"messages": [{"role": "user", "content": "Unrelated question?"},
+                                                            {"role": "assistant", "content": "Unrelated answer."}]}]
+        extra = "  check: {leakage: warn}\n" if case.endswith("allowed") else ""
+    return rows, val, extra
+
+
+GATE_CASES = {  # case -> the gate that stops training (None: it passes)
+    "clean": None, "malformed": "data.max_reject_fraction", "malformed-allowed": None,
+    "duplicates": "data.check", "duplicates-allowed": None, "leakage": "data.check", "leakage-allowed": None,
+}
+
+
+@pytest.mark.parametrize("case, with_recipe", [(c, True) for c in GATE_CASES] +  # a bare file: the recipe defaults
+                         [(c, False) for c in GATE_CASES if not c.endswith("allowed")])
+def test_data_check_exits_1_exactly_when_training_refuses_the_data(case, with_recipe, tmp_path, monkeypatch, capsys):
+    from tunesmith.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rows, val, extra = gate_files(tmp_path, case)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    lines = "data:\n  train: train.jsonl\n" + ("  validation: val.jsonl\n" if val else "") + extra
+    if val:
+        write_jsonl(tmp_path / "val.jsonl", val)
+    (tmp_path / "r.yaml").write_text(lines + "output:\n  dir: run\n", encoding="utf-8")
+
+    refused = training_refuses(tmp_path / "r.yaml", monkeypatch)
+    argv = ["data", "check", "train.jsonl", "--no-tokens", "--out", "check"]
+    argv += ["--recipe", "r.yaml"] if with_recipe else (["--against", "val.jsonl"] if val else [])
+    capsys.readouterr()
+    code = main(argv)
+    printed = capsys.readouterr().out
+
+    expected = GATE_CASES[case]
+    assert (refused is not None) == (expected is not None), refused
+    assert code == (1 if refused else 0)
+    report = json.loads((tmp_path / "check" / "report.json").read_text())
+    assert [f["gate"] for f in report["gate"]["failed"]] == ([expected] if expected else [])
+    if refused:
+        assert f"✗ {expected}: " in printed
+        failure = report["gate"]["failed"][0]["message"]
+        same = refused.replace(f"{tmp_path}/", "").splitlines()[0]  # train names the recipe's resolved paths
+        assert failure.splitlines()[0] == same  # the same words as train's own message
+    else:
+        assert "verdict: ✓ `tunesmith train` would pass its data gates" in printed
+
+
+def test_data_check_writes_every_rejected_row_with_its_line(tmp_path, capsys):
+    from tunesmith.cli import main
+
+    rows, _, _ = gate_files(tmp_path, "malformed")
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    assert main(["data", "check", str(path), "--no-tokens", "--out", str(tmp_path / "c")]) == 1
+    rejects = [json.loads(line) for line in (tmp_path / "c" / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"].split(":")[0]) for r in rejects] == [
+        (21, "malformed JSON"), (22, "malformed JSON"), (23, "wrong type"), (24, "not a JSON object")]
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert (report["rows"]["read"], report["rows"]["used"], report["rows"]["rejected"]) == (24, 20, 4)
+
+
+# ----------------------------------------------------------------------------------------------- typed Parquet columns
+
+
+def typed_parquet(path: Path, rows: list[dict]) -> "object":
+    """`rows` plus a timestamp, date, decimal and binary column per row, written as Parquet; returns the table."""
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(rows)
+    table = pa.table({
+        "text": [r["text"] for r in rows], "label": [r["label"] for r in rows],
+        "at": pa.array([datetime.datetime(2024, 3, 1, 8, 0, i % 60, 1000 * i) for i in range(n)], pa.timestamp("us")),
+        "day": pa.array([datetime.date(2024, 3, 1 + i % 28) for i in range(n)], pa.date32()),
+        "price": pa.array([decimal.Decimal(i) / 100 for i in range(n)], pa.decimal128(9, 2)),
+        "blob": pa.array([bytes([i]) for i in range(n)], pa.binary()),
+    })
+    pq.write_table(table, path)
+    return table
+
+
+def test_clean_parquet_keeps_timestamp_date_decimal_binary_exact(tmp_path):
+    import pyarrow.parquet as pq
+
+    rows = _split_rows({"a": 6, "b": 6})
+    rows.append(dict(rows[0]))  # row 13: an exact duplicate of row 1
+    table = typed_parquet(tmp_path / "in.parquet", rows)
+    result = clean_file(tmp_path / "in.parquet", CleanOptions())
+    paths = write_clean(result, tmp_path / "out.parquet")
+    assert pq.read_table(paths["cleaned"]).equals(table.slice(0, 12))
+    reject = json.loads(paths["rejects"].read_text())
+    assert (reject["line"], reject["reason"]) == (13, "duplicate: exact duplicate of line 1")
+    assert reject["row"]["at"] == "2024-03-01T08:00:12.012000" and reject["row"]["day"] == "2024-03-13"
+    assert reject["row"]["price"] == "0.12" and reject["row"]["blob"] == "DA=="
+    paths = write_clean(result, tmp_path / "out.jsonl")
+    first = json.loads(paths["cleaned"].read_text().splitlines()[0])
+    assert {k: first[k] for k in ("at", "day", "price", "blob")} == {
+        "at": "2024-03-01T08:00:00", "day": "2024-03-01", "price": "0.00", "blob": "AA=="}
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_split_parquet_writes_parquet_parts_with_the_input_types(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tunesmith.data.split import split_records, write_splits
+
+    table = typed_parquet(tmp_path / "in.parquet", _split_rows({"a": 10, "b": 10}))
+    load = load_records(tmp_path / "in.parquet")
+    parts = split_records(load.records, {"train": 0.8, "test": 0.2}, seed=0)
+    out = tmp_path / "parts"
+    out.mkdir()
+    paths = write_splits(parts, tmp_path / "in.parquet", out)
+    assert {k: p.name for k, p in paths.items()} == {"train": "train.parquet", "test": "test.parquet"}
+    back = [pq.read_table(paths[name]) for name in ("train", "test")]
+    assert [t.num_rows for t in back] == [16, 4] and all(t.schema == table.schema for t in back)
+    merged = pa.concat_tables(back).sort_by("price")
+    assert merged.equals(table.sort_by("price"))

@@ -13,6 +13,7 @@ from conftest import write_jsonl
 from tunesmith.data import (
     Record, check_reject_share, load_records, prepare_data, validation_split, write_rejects,
 )
+from tunesmith.data import readers
 from tunesmith.data.readers import read_rows
 from tunesmith.errors import DataError
 from tunesmith.recipe import DataSection
@@ -124,10 +125,179 @@ def test_files_that_cannot_be_read_at_all(tmp_path):
         load_records(tmp_path / "data.txt")
 
 
-def test_csv_header_that_is_not_utf8_is_a_data_error(tmp_path):
-    path = write_bytes(tmp_path / "h.csv", b"t\xffxt,label", b"a,b")
-    with pytest.raises(DataError, match=r"line 1 \(the header\) is not valid UTF-8"):
+@pytest.mark.parametrize("name, lines, where", [
+    ("h.csv", (b"t\xffxt,label", b"a,b"), "line 1, column 2 is not UTF-8 (byte 0xff at byte offset 1 of the file)"),
+    ("r.csv", (b"text,label", b"ok,pos", b"caf\xe9,neg"),
+     "line 3, column 4 is not UTF-8 (byte 0xe9 at byte offset 21 of the file)"),
+    ("r.jsonl", (b'{"text": "ok"}', b'{"text": "caf\xc3\xa9 \xff"}'),
+     "line 2, column 16 is not UTF-8 (byte 0xff at byte offset 31 of the file)"),
+    ("a.json", (b'[{"text": "ok"},', b'{"text": "\xe9"}]'), "line 2, column 11 is not UTF-8"),
+])
+def test_a_file_that_is_not_utf8_is_a_data_error_naming_line_column_and_byte(tmp_path, name, lines, where):
+    """Latin-1 / cp1252 text would otherwise lose exactly the rows with accents; the whole file is refused."""
+    path = write_bytes(tmp_path / name, *lines)
+    with pytest.raises(DataError) as info:
         load_records(path)
+    assert info.value.message.startswith(f"{path}: {where}")
+    assert info.value.hint.startswith(f"re-encode the file as UTF-8, e.g. `iconv -f cp1252 -t utf-8 {path} > ")
+
+
+def test_a_utf16_file_is_named_as_such(tmp_path):
+    path = tmp_path / "u.csv"
+    path.write_bytes("text,label\nhello,pos\n".encode("utf-16"))
+    with pytest.raises(DataError, match=r"is UTF-16 text \(it starts with a UTF-16 byte order mark\)") as info:
+        load_records(path)
+    assert "iconv -f utf-16 -t utf-8" in info.value.hint
+
+
+def test_csv_cells_over_128_kib_are_read_whole_and_counted(tmp_path):
+    big = "word " * 60_000  # 300,000 characters: over Python's default csv field limit of 131,072
+    path = tmp_path / "big.csv"
+    path.write_text(f'text,label\n"{big}",pos\nshort one,neg\n', encoding="utf-8")
+    result = load_records(path)
+    assert records_of(result) == [(2, {"text": big, "label": "pos"}), (3, {"text": "short one", "label": "neg"})]
+    assert result.rows_read == 2 and result.rejects == []
+
+
+@pytest.mark.parametrize("text, opened, last", [
+    ('text,label\nfine,pos\n"never closed,neg\nthird,pos\nfourth,neg\n', 3, 5),
+    ('text,label,n\nok,pos,1\n"two\nlines",neg,"open\nrest\n', 4, 5),  # after a two-line cell of the same row
+    ('"text,label\nfine,pos\n', 1, 2),  # in the header
+])
+def test_csv_quote_never_closed_names_the_line_it_opened_on(tmp_path, text, opened, last):
+    path = tmp_path / "q.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_records(path)
+    assert info.value.message == (f"{path}: line {opened}: a quote opens here and is never closed, so lines "
+                                  f"{opened}–{last} (the rest of the file) would be read as one cell")
+    assert '""' in info.value.hint
+
+
+def test_jsonl_nested_100000_deep_is_a_reject_not_a_crash(tmp_path):
+    deep = '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    path = write_jsonl(tmp_path / "deep.jsonl", [{"text": "first"}, deep, {"text": "third"}])
+    result = load_records(path)
+    assert records_of(result) == [(1, {"text": "first"}), (3, {"text": "third"})]
+    assert lines_and_reasons(result) == [(2, "nested too deeply: 100001 levels of arrays/objects, more than 100")]
+    assert result.rows_read == 3
+    assert readers.nesting_depth('{"a": "[[[[", "b": [[1], {"c": [2]}]}') == 4  # brackets in strings don't count
+
+
+def test_json_array_file_rows_are_numbered_by_their_line(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text('[\n  {"text": "one"},\n  {"text": "two"}, 3,\n  {"text": ' + "[" * 150 + "]" * 150 + "}\n]\n",
+                    encoding="utf-8")
+    result = load_records(path, fmt="text")
+    assert records_of(result) == [(2, {"text": "one"}), (3, {"text": "two"})]
+    assert lines_and_reasons(result) == [(3, "not a JSON object: got int"),
+                                         (4, "nested too deeply: 151 levels of arrays/objects, more than 100")]
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("empty.jsonl", "", "no rows (the file is empty)"),
+    ("blank.jsonl", "\n  \n\n", "no rows (the file is empty)"),
+    ("empty.csv", "", "no rows (the file is empty)"),
+    ("header.csv", "text,label\n", "only a header (line 1), no rows"),
+    ("twice.csv", "text,text\na,b\n", "line 1 (the header) names column 'text' twice"),
+    ("object.json", '{\n  "rows": [{"text": "a"}]\n}\n', "one JSON object over several lines, not one row per line"),
+    ("array.json", '[{"text": "a"}\n{"text": "b"}]', "line 2: expected ',' or the closing ']' of the array"),
+    ("broken.json", '[{"text": "a"},\n {"text": }]',
+     "line 2, column 11: malformed JSON in the array (Expecting value)"),
+])
+def test_files_with_no_rows_or_a_broken_shape_are_data_errors(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_records(path)
+    assert info.value.message.startswith(f"{path}: {message}")
+    assert info.value.hint
+
+
+def test_csv_with_a_byte_order_mark_reads_its_first_column(tmp_path):
+    path = write_bytes(tmp_path / "bom.csv", b"\xef\xbb\xbftext,label", b"hello,pos")
+    assert records_of(load_records(path)) == [(2, {"text": "hello", "label": "pos"})]
+
+
+def test_empty_parquet_and_damaged_datasets_folder_are_data_errors(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "none.parquet")
+    with pytest.raises(DataError, match="no rows"):
+        load_records(tmp_path / "none.parquet")
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "state.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"ds: not a readable saved `datasets` folder"):
+        load_records(folder)
+
+
+# ----------------------------------------------------------------------------------------------- exact types
+
+
+def typed_table():
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+
+    return pa.table({
+        "text": ["first row here", "second row here", "third row here", "fourth row here"],
+        "at": pa.array([datetime.datetime(2024, 1, d, 12, 30, 5, 123456) for d in range(1, 5)], pa.timestamp("us")),
+        "at_ns": pa.array([1_700_000_000_123_456_789 + d for d in range(4)], pa.timestamp("ns", tz="UTC")),
+        "day": pa.array([datetime.date(2024, 2, d) for d in range(1, 5)], pa.date32()),
+        "price": pa.array([decimal.Decimal("1.10"), decimal.Decimal("2.25"), None, decimal.Decimal("-0.01")],
+                          pa.decimal128(9, 2)),
+        "blob": pa.array([b"\x00\xff", b"", None, b"abc"], pa.binary()),
+    })
+
+
+def test_parquet_types_round_trip_exactly_and_become_iso_text_in_jsonl_and_csv(tmp_path):
+    import pyarrow.parquet as pq
+
+    from tunesmith.data.readers import source_schema, write_rows
+
+    table = typed_table()
+    pq.write_table(table, tmp_path / "in.parquet")
+    rows = [r.value for r in read_rows(tmp_path / "in.parquet")]
+    write_rows(rows, tmp_path / "out.parquet", schema=source_schema(tmp_path / "in.parquet"))
+    assert pq.read_table(tmp_path / "out.parquet").equals(table)
+    write_rows(rows, tmp_path / "out.jsonl")
+    first = json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])
+    assert first == {"text": "first row here", "at": "2024-01-01T12:30:05.123456",
+                     "at_ns": "2023-11-14T22:13:20.123456789+00:00", "day": "2024-02-01", "price": "1.10",
+                     "blob": "AP8="}
+    write_rows(rows, tmp_path / "out.csv")
+    assert (tmp_path / "out.csv").read_text().splitlines()[1] == \
+        "first row here,2024-01-01T12:30:05.123456,2023-11-14T22:13:20.123456789+00:00,2024-02-01,1.10,AP8="
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "out.csv", "out.jsonl", "out.parquet"]
+
+
+def test_a_new_column_beside_typed_ones_is_inferred(tmp_path):
+    import pyarrow.parquet as pq
+
+    from tunesmith.data.readers import write_rows
+
+    table = typed_table()
+    rows = [{**row, "upsampled": {"from": "in.parquet:1"}} for row in table.to_pylist()]
+    write_rows(rows, tmp_path / "out.parquet", schema=table.schema)
+    back = pq.read_table(tmp_path / "out.parquet")
+    assert back.select(table.column_names).equals(table)
+    assert back.column("upsampled").to_pylist()[0] == {"from": "in.parquet:1"}
+
+
+def test_rejects_of_a_typed_row_keep_its_values_as_text(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = typed_table().set_column(0, "text", pa.array(["", "ok row", "ok row two", "ok row three"]))
+    pq.write_table(table, tmp_path / "in.parquet")
+    result = load_records(tmp_path / "in.parquet", fmt="text")
+    write_rejects(result.rejects, tmp_path / "rejects.jsonl")
+    reject = json.loads((tmp_path / "rejects.jsonl").read_text())
+    assert reject["line"] == 1 and reject["reason"] == "empty field: 'text'"
+    assert reject["row"]["at"] == "2024-01-01T12:30:05.123456" and reject["row"]["price"] == "1.10"
 
 
 # ----------------------------------------------------------------------------------------------- record types
@@ -250,7 +420,7 @@ def test_every_bad_jsonl_row_kind_is_rejected_with_its_line_and_reason(tmp_path)
         b'{"text": "a" "b"}',                # 2 malformed JSON
         b'[1, 2]',                           # 3 not an object
         b'"just a string"',                  # 4 not an object
-        b'{"text": "caf\xff\xfe"}',          # 5 invalid UTF-8
+        b'{"text": [' + b"[" * 150 + b"]" * 150 + b']}',  # 5 nested too deeply
         b'{"body": "no text field"}',        # 6 missing field
         b'{"text": null}',                   # 7 missing field (null)
         b'{"text": "   "}',                  # 8 empty field
@@ -267,7 +437,7 @@ def test_every_bad_jsonl_row_kind_is_rejected_with_its_line_and_reason(tmp_path)
         (2, "malformed JSON: Expecting ',' delimiter at column 14"),
         (3, "not a JSON object: got list"),
         (4, "not a JSON object: got str"),
-        (5, "invalid UTF-8: at byte 13"),
+        (5, "nested too deeply: 152 levels of arrays/objects, more than 100"),
         (6, "missing field: 'text'"),
         (7, "missing field: 'text'"),
         (8, "empty field: 'text'"),
@@ -281,13 +451,13 @@ def test_every_bad_jsonl_row_kind_is_rejected_with_its_line_and_reason(tmp_path)
     assert sum(reasons.values()) == 9
     assert all(r["file"] == str(path) for r in result.rejects)
     assert result.rejects[0]["row"] == '{"text": "a" "b"}'
-    assert result.rejects[3]["row"] == '{"text": "caf\ufffd\ufffd"}'
+    assert result.rejects[3]["row"].startswith('{"text": [[[[')
     assert result.rejects[4]["row"] == {"body": "no text field"}
 
 
 def test_reasons_group_unreadable_rows_by_kind(tmp_path):
-    path = write_bytes(tmp_path / "u.jsonl", b'{"text": "\xff"}', b'{"text": "ab\xfe"}', b"[1]", b'"s"')
-    assert load_records(path, fmt="text").reasons() == Counter({"invalid UTF-8": 2, "not a JSON object": 2})
+    path = write_bytes(tmp_path / "u.jsonl", b'{"text": "a",}', b'{"text": ', b"[1]", b'"s"')
+    assert load_records(path, fmt="text").reasons() == Counter({"malformed JSON": 2, "not a JSON object": 2})
 
 
 def test_malformed_json_reports_the_column(tmp_path):
@@ -305,22 +475,26 @@ def test_malformed_json_at_the_end_of_a_line_names_the_right_column(tmp_path, li
     assert lines_and_reasons(load_records(path, fmt="text")) == [(1, reason)]
 
 
-def test_bad_csv_rows_invalid_utf8_and_wrong_cell_count(tmp_path):
+def test_bad_csv_rows_wrong_cell_count(tmp_path):
     path = write_bytes(tmp_path / "bad.csv",
                        b"text,label",
                        b"good,pos",           # 2
-                       b"caf\xff\xfe,neg",    # 3 invalid UTF-8
-                       b"a,b,c",              # 4 too many cells
-                       b"lonely",             # 5 too few cells
-                       b",neg",               # 6 empty text
-                       b"fine,neg")           # 7
+                       b'"two\nlines",a,b',   # 3-4 too many cells, over two lines
+                       b"a,b,c",              # 5 too many cells
+                       b"lonely",             # 6 too few cells
+                       b",neg",               # 7 empty text
+                       b"fine,neg")           # 8
     result = load_records(path)
     assert result.kind == "classification"
-    assert records_of(result) == [(2, {"text": "good", "label": "pos"}), (7, {"text": "fine", "label": "neg"})]
-    assert lines_and_reasons(result) == [(3, "invalid UTF-8"), (4, "wrong cell count: 3 cells, but the header has 2"),
-                                         (5, "wrong cell count: 1 cells, but the header has 2"), (6, "empty field: 'text'")]
-    assert result.rejects[0]["row"] == "caf\ufffd\ufffd,neg"
+    assert records_of(result) == [(2, {"text": "good", "label": "pos"}), (8, {"text": "fine", "label": "neg"})]
+    assert lines_and_reasons(result) == [
+        (3, "wrong cell count: 3 cells, but the header has 2; the row runs over lines 3–4: is a quote on line 3 "
+            "left open?"),
+        (5, "wrong cell count: 3 cells, but the header has 2"),
+        (6, "wrong cell count: 1 cells, but the header has 2"), (7, "empty field: 'text'")]
+    assert result.rejects[0]["row"] == '"two\nlines",a,b'
     assert result.rejects[1]["row"] == "a,b,c"
+    assert result.rows_read == len(result.records) + len(result.rejects) == 6
 
 
 def test_bad_chat_rows(tmp_path):
@@ -537,7 +711,7 @@ def test_small_fraction_still_holds_out_one_row():
 
 
 def test_write_rejects_writes_file_line_reason_and_row(tmp_path):
-    path = write_bytes(tmp_path / "bad.jsonl", b'{"text": "ok"}', b'{oops', b'{"text": "caf\xc3\xa9 \xff"}',
+    path = write_bytes(tmp_path / "bad.jsonl", b'{"text": "ok"}', b'{oops', b'{"text": ["caf\xc3\xa9"' + b"]" * 2,
                        b'{"text": ""}')
     result = load_records(path, fmt="text")
     out = tmp_path / "run" / "nested" / "rejects.jsonl"
@@ -548,7 +722,8 @@ def test_write_rejects_writes_file_line_reason_and_row(tmp_path):
     assert [list(item) for item in items] == [["file", "line", "reason", "row"]] * 3
     assert [(i["file"], i["line"]) for i in items] == [(str(path), 2), (str(path), 3), (str(path), 4)]
     assert items[0]["reason"].startswith("malformed JSON:") and items[0]["row"] == "{oops"
-    assert items[1]["reason"] == "invalid UTF-8: at byte 16" and items[1]["row"] == '{"text": "café \ufffd"}'
+    assert items[1]["reason"] == "malformed JSON: Expecting ',' delimiter at column 18"
+    assert items[1]["row"] == '{"text": ["café"]]'
     assert items[2] == {"file": str(path), "line": 4, "reason": "empty field: 'text'", "row": {"text": ""}}
     assert "café" in lines[1]  # written as UTF-8, not \u escapes
 

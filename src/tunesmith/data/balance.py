@@ -7,7 +7,6 @@ duplicates and a split keeps each copy with its original. Class weights are a JS
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -84,12 +83,13 @@ def load_class_weights(value: str, records: list[Record]) -> dict[str, float]:
     """`auto` (computed from `records`) or a JSON file of `{label: weight}` that covers every label."""
     if value == "auto":
         return class_weights(records)
+    from tunesmith.data.readers import parse_json, read_text
+
     path = Path(value)
-    try:
-        weights = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: can't read class weights ({exc})",
-                        "write them with `tunesmith data balance DATA --strategy weights --out FILE`") from None
+    weights, error = parse_json(read_text(path))
+    if error is not None:
+        raise DataError(f"{path}: can't read class weights ({error})",
+                        "write them with `tunesmith data balance DATA --strategy weights --out FILE`")
     weights = weights.get("weights", weights) if isinstance(weights, dict) else weights
     if not isinstance(weights, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in weights.values()):
         raise DataError(f"{path}: class weights must be a JSON object of label → positive number")

@@ -13,9 +13,12 @@ import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from tunesmith.data.records import LoadResult, Record, load_records, record_text
+
+if TYPE_CHECKING:
+    from tunesmith.data import PreparedData
 
 EXAMPLES = 10  # rows shown per finding in the report
 SNIPPET = 240  # characters of a row shown in the report
@@ -34,6 +37,15 @@ class CheckOptions:
     system_prompt: str | None = None
     max_duplicate_fraction: float = 0.05
     leakage: str = "stop"  # stop | warn: the severity of train/evaluation leakage
+    stops: bool = True  # whether error findings stop training (the recipe's data.check.enabled)
+
+    @classmethod
+    def for_recipe(cls, data) -> CheckOptions:
+        """The options `tunesmith train` checks its data with: the recipe's `data` section (`data.check`)."""
+        c = data.check
+        return cls(near_threshold=c.near_threshold, min_words=c.min_words, leakage=c.leakage,
+                   max_duplicate_fraction=c.max_duplicate_fraction, system_prompt=data.system_prompt,
+                   stops=c.enabled)
 
 
 def load_files(paths: list[str | Path], fmt: str = "auto", columns: dict[str, str] | None = None,
@@ -44,6 +56,46 @@ def load_files(paths: list[str | Path], fmt: str = "auto", columns: dict[str, st
         kind = fmt if not loads else loads[0].kind
         loads.append(load_records(path, kind, columns, labels))
     return loads
+
+
+def data_section(recipe, train: str | Path, fmt: str, columns: dict[str, str], labels: list[str] | None):
+    """The recipe's `data` section (without a recipe, the recipe defaults for `train`), read with `fmt`, `columns`
+    and `labels` (the command line's, which win over the recipe's)."""
+    from tunesmith.recipe import DataSection
+
+    base = recipe.data if recipe is not None else DataSection(train=str(train))
+    return base.model_copy(update={"format": fmt, "columns": dict(columns), "labels": labels})
+
+
+def load_as_training(paths: list[str | Path], against: list[str | Path], data, allowed_kinds=None) -> PreparedData:
+    """Read `paths` as `tunesmith train` reads `data.train`, and `against` as it reads `data.validation`, through
+    `prepare_data` itself: the same record type, columns and labels (a validation file's labels default to the
+    training labels), the same rejects. Further files of either are read with the first one's type and labels.
+    `loads` holds the training files first, then the `against` files."""
+    from tunesmith.data import PreparedData, prepare_data
+
+    first = prepare_data(data.model_copy(update={"train": str(paths[0]), "validation_fraction": 0.0,
+                                                 "validation": str(against[0]) if against else None}),
+                         seed=0, allowed_kinds=allowed_kinds)
+    kind, labels = first.kind, first.labels
+    train = first.loads[:1] + [load_records(p, kind, data.columns, data.labels) for p in paths[1:]]
+    evaluation = first.loads[1:] + [load_records(p, kind, data.columns, labels) for p in against[1:]]
+    return PreparedData(kind, records_of(train), records_of(evaluation), train + evaluation, labels,
+                        "file" if against else "split")
+
+
+def check_like_training(paths: list[str | Path], against: list[str | Path], data, options: CheckOptions,
+                        allowed_kinds=None, progress: Callable[[str], None] | None = None) -> tuple[dict, PreparedData]:
+    """`tunesmith data check`: read the files as training would (`load_as_training`), run every check, and add
+    `report["gate"]`, the verdict of training's own gates (`gate_failures`). Returns the report and what was read."""
+    prepared = load_as_training(paths, against, data, allowed_kinds)
+    n = len(paths)
+    report = check_data(prepared.loads[:n], prepared.loads[n:] or None, options, progress)
+    failed = gate_failures(prepared, data, report)
+    report["gate"] = {"stops_training": bool(failed), "failed": failed, "limits": {
+        "max_reject_fraction": data.max_reject_fraction, "check_enabled": data.check.enabled,
+        "max_duplicate_fraction": options.max_duplicate_fraction, "leakage": options.leakage}}
+    return report, prepared
 
 
 def records_of(loads: list[LoadResult]) -> list[Record]:
@@ -265,13 +317,13 @@ def problems(report: dict[str, Any], options: CheckOptions) -> list[dict[str, st
     dup = report["duplicates"]
     if dup["duplicate_rows"]:
         share = dup["duplicate_fraction"]
-        severity = "error" if share > options.max_duplicate_fraction else "warning"
+        severity = "error" if options.stops and share > options.max_duplicate_fraction else "warning"
         add(severity, "duplicates", f"{dup['duplicate_rows']} duplicate rows ({share:.1%}; limit "
             f"{options.max_duplicate_fraction:.1%}): {dup['exact_rows']} exact in {dup['exact_groups']} groups, "
             f"{dup['near_rows']} near in {dup['near_clusters']} clusters")
     leak = report.get("leakage")
     if leak and leak["pairs"]:
-        add("error" if options.leakage == "stop" else "warning", "leakage",
+        add("error" if options.stops and options.leakage == "stop" else "warning", "leakage",
             f"{leak['train_rows']} training rows also appear in the evaluation data ({leak['exact_pairs']} exact, "
             f"{leak['pairs'] - leak['exact_pairs']} near; {leak['eval_rows']} of {leak['eval_total']} evaluation "
             "rows affected)")
@@ -334,30 +386,55 @@ def histogram(values: list[int], edges: tuple[int, ...] = LENGTH_EDGES) -> list[
 def gate(train: list[LoadResult], against: list[LoadResult] | None, options: CheckOptions,
          report_dir: Path | None = None) -> dict[str, Any]:
     """The check `tunesmith train` runs first: write the report, raise DataError on findings that stop training."""
-    from tunesmith.errors import DataError
-
     report = check_data(train, against, options)
     if report_dir is not None:
         write_report(report, report_dir, "data_check")
+    stop_on_findings(report, report_dir / "data_check.html" if report_dir else None)
+    return report
+
+
+def stop_on_findings(report: dict[str, Any], page: Path | None = None) -> None:
+    """Raise DataError listing the findings of a check report that stop training (see `blocking`)."""
+    from tunesmith.errors import DataError
+
     stops = blocking(report)
     if stops:
-        where = f"; the full report is {report_dir / 'data_check.html'}" if report_dir else ""
+        where = f"; the full report is {page}" if page else ""
         raise DataError("the data check found problems that stop training:\n" + "\n".join(f"  - {m}" for m in stops)
                         + where,
                         "remove them with `tunesmith data clean` (it drops duplicates and leaked rows), or allow them "
                         "in the recipe: data.check.leakage=warn, data.check.max_duplicate_fraction=<share>, "
                         "or data.check.enabled=false")
-    return report
+
+
+def gate_failures(prepared: PreparedData, data, report: dict[str, Any]) -> list[dict[str, str]]:
+    """The data gates of `tunesmith train` that `prepared` fails, each {gate, message, hint}, through the functions
+    training calls: `check_reject_share` (each file's share of rejected rows against `data.max_reject_fraction`, and
+    no usable training rows) and, when `data.check.enabled`, `stop_on_findings` on the check `report`."""
+    from tunesmith.data import check_reject_share
+    from tunesmith.errors import DataError
+
+    gates = [("data.max_reject_fraction", lambda: check_reject_share(prepared, data.max_reject_fraction))]
+    if data.check.enabled:
+        gates.append(("data.check", lambda: stop_on_findings(report)))
+    failed = []
+    for name, run in gates:
+        try:
+            run()
+        except DataError as exc:
+            failed.append({"gate": name, "message": exc.message, "hint": exc.hint or ""})
+    return failed
 
 
 def write_report(report: dict[str, Any], folder: Path, stem: str = "report") -> dict[str, Path]:
-    """Write STEM.json and a self-contained STEM.html into `folder`."""
+    """Write STEM.json and a self-contained STEM.html into `folder`, each through a temporary renamed into place."""
     import json
 
+    from tunesmith.artifacts import atomic_write
     from tunesmith.data.check_view import render_html
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / f"{stem}.json", "html": folder / f"{stem}.html"}
-    paths["json"].write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    paths["html"].write_text(render_html(report), encoding="utf-8")
+    atomic_write(paths["json"], json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    atomic_write(paths["html"], render_html(report))
     return paths

@@ -55,9 +55,26 @@ def summary_text(report: dict[str, Any]) -> str:
         out.extend(f"  {MARK[p['severity']]} {p['check']}: {p['message']}" for p in problems)
     errors = sum(1 for p in problems if p["severity"] == "error")
     warnings = len(problems) - errors
-    out.append(f"verdict: {errors} finding(s) that stop training, {warnings} warning(s)" if problems
-               else "verdict: ✓ no findings")
+    if "gate" in report:  # the verdict of training's own gates (the reject share included)
+        out.extend(gate_lines(report["gate"], warnings))
+    else:
+        out.append(f"verdict: {errors} finding(s) that stop training, {warnings} warning(s)" if problems
+                   else "verdict: ✓ no findings")
     return "\n".join(out)
+
+
+def gate_lines(gate: dict[str, Any], warnings: int = 0) -> list[str]:
+    """The verdict: `tunesmith train` would pass its data gates, or stop at each gate named."""
+    limits = gate["limits"]
+    if not gate["failed"]:
+        checked = (f"duplicates ≤ {limits['max_duplicate_fraction']:.1%}, leakage: {limits['leakage']}"
+                   if limits["check_enabled"] else "data.check disabled")
+        rejects = f"rejects ≤ {limits['max_reject_fraction']:.1%} per file"
+        return [f"verdict: ✓ `tunesmith train` would pass its data gates ({rejects}; {checked}); {warnings} warning(s)"]
+    out = [f"verdict: ✗ `tunesmith train` would stop at {len(gate['failed'])} gate(s):"]
+    for failure in gate["failed"]:
+        out.append(f"  ✗ {failure['gate']}: " + failure["message"].replace("\n", "\n    "))
+    return out
 
 
 def _reasons(reasons: dict[str, int]) -> str:
@@ -85,6 +102,8 @@ def render_html(report: dict[str, Any], title: str = "tunesmith data check") -> 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{_e(title)}</h1>"]
     parts.append(_findings(report["problems"]))
+    if "gate" in report:
+        parts.append("<h2>Training gate</h2><pre>" + _e("\n".join(gate_lines(report["gate"]))) + "</pre>")
     parts.append(_rows(report))
     parts.append(_duplicates(report["duplicates"]))
     if "leakage" in report:

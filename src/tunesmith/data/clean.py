@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tunesmith.data.readers import read_rows, write_rows
+from tunesmith.data.readers import read_rows, source_schema, write_rows
 from tunesmith.data.records import FIELDS, LoadResult, Record, RowRejected, convert, detect_kind, record_text
 
 
@@ -245,15 +245,18 @@ def _remove(live, drop: dict[int, str], result: CleanResult, extra: dict[int, di
 
 
 def write_clean(result: CleanResult, out: str | Path) -> dict[str, Path]:
-    """Write the cleaned rows to `out`, the removed rows to OUT.rejects.jsonl and the counts to OUT.summary.json."""
+    """Write the cleaned rows to `out`, the removed rows to OUT.rejects.jsonl and the counts to OUT.summary.json,
+    each through a temporary renamed into place. A Parquet input's column types carry over to a Parquet output."""
+    from tunesmith.artifacts import atomic_write
+
     out = Path(out)
     if out.resolve() == Path(result.path).resolve():
         from tunesmith.errors import DataError
 
         raise DataError(f"{out}: the output would overwrite the input", "give --out another file name")
     stem = out.with_suffix("")
-    paths = {"cleaned": write_rows(result.kept, out),
+    paths = {"cleaned": write_rows(result.kept, out, schema=source_schema(result.path)),
              "rejects": write_rows(result.rejects, stem.with_name(stem.name + ".rejects.jsonl")),
              "summary": stem.with_name(stem.name + ".summary.json")}
-    paths["summary"].write_text(json.dumps(result.summary(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write(paths["summary"], json.dumps(result.summary(), indent=2, ensure_ascii=False) + "\n")
     return paths

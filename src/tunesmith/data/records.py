@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunesmith.data.readers import RawRow, read_rows
+from tunesmith.data.readers import RawRow, read_rows, to_json
 from tunesmith.errors import DataError
 
 # The fields each record type holds, after column mapping.
@@ -104,11 +104,12 @@ def _reject(path: Path, line: int, reason: str, row: Any) -> dict[str, Any]:
 
 
 def _jsonable(value: Any) -> Any:
+    """The row as JSON can hold it: dates as ISO text, decimals as exact text, bytes as base64 (see json_value)."""
     try:
         json.dumps(value)
         return value
-    except (TypeError, ValueError):
-        return repr(value)
+    except (TypeError, ValueError, RecursionError):
+        return json.loads(to_json(value))
 
 
 def detect_kind(rows: list[RawRow], columns: dict[str, str], path: Path) -> str:
@@ -219,8 +220,10 @@ def record_text(kind: str, data: dict[str, Any], part: str = "all") -> str:
 
 
 def write_rejects(rejects: list[dict[str, Any]], path: Path) -> None:
-    """Write rejects as JSON lines (file, line, reason, row)."""
+    """Write rejects as JSON lines (file, line, reason, row), through a temporary renamed into place."""
+    from tunesmith.artifacts import atomic_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for item in rejects:
-            fh.write(json.dumps(item, ensure_ascii=False) + "\n")
+            fh.write(to_json(item) + "\n")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunesmith.data import records
+from tunesmith.data.readers import parse_json, read_text, to_json
 from tunesmith.data.records import FIELDS
 from tunesmith.errors import DataError
 
@@ -71,21 +72,18 @@ def read_review(path: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise DataError(f"{path}: no such review file", "write one with `tunesmith data synth --out FILE`")
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: malformed JSON ({exc.msg})",
-                                "fix the line by hand or regenerate the review file") from None
-            review = row.get(REVIEW_KEY) if isinstance(row, dict) else None
-            if not isinstance(review, dict) or review.get("status") not in STATUSES or "kind" not in review:
-                raise DataError(f"{path}:{number}: not a review row (needs a `{REVIEW_KEY}` object with a status "
-                                f"of {', '.join(STATUSES)} and a kind)",
-                                "review files are written by `tunesmith data synth`; ordinary data needs no review")
-            rows.append(row)
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        row, error = parse_json(line)
+        if error is not None:
+            raise DataError(f"{path}:{number}: {error}", "fix the line by hand or regenerate the review file")
+        review = row.get(REVIEW_KEY) if isinstance(row, dict) else None
+        if not isinstance(review, dict) or review.get("status") not in STATUSES or "kind" not in review:
+            raise DataError(f"{path}:{number}: not a review row (needs a `{REVIEW_KEY}` object with a status "
+                            f"of {', '.join(STATUSES)} and a kind)",
+                            "review files are written by `tunesmith data synth`; ordinary data needs no review")
+        rows.append(row)
     return rows
 
 
@@ -96,19 +94,15 @@ def write_review(path: str | Path, rows: list[dict[str, Any]]) -> Path:
 
 def write_jsonl_atomic(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     """Write rows as JSON lines so that a crash leaves either the old file or the new one, never half of one."""
+    from tunesmith.artifacts import atomic_path
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(to_json(row) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
     return path
 
 
@@ -268,9 +262,11 @@ def _edit_in_editor(fields: dict[str, Any], editor, write) -> dict[str, Any] | N
                 write(f"editor {editor!r} exited with {done.returncode}; row unchanged")
                 return None
         try:
-            edited = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            write(f"the edited file is not valid JSON ({exc.msg} at line {exc.lineno}); row unchanged")
+            edited, error = parse_json(read_text(path))
+        except DataError as exc:  # saved in another encoding
+            edited, error = None, exc.message
+        if error is not None:
+            write(f"the edited file can't be read: {error}; row unchanged")
             return None
         if not isinstance(edited, dict):
             write("the edited file must hold one JSON object; row unchanged")
@@ -297,10 +293,9 @@ def _edit_inline(fields: dict[str, Any], kind: str, read, write) -> dict[str, An
             write(f"expected field=value with a field of {', '.join(names)}; got {line!r}")
             continue
         if name == "messages":
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                write(f"messages must be JSON ({exc.msg}); not changed")
+            value, error = parse_json(value)
+            if error is not None:
+                write(f"messages must be JSON ({error}); not changed")
                 continue
         edited[name] = value
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import defaultdict
+from pathlib import Path
+from typing import Any
 
+from tunesmith.data.readers import source_schema, write_rows
 from tunesmith.data.records import Record, record_text
 from tunesmith.errors import DataError
 
@@ -95,3 +98,20 @@ def _stratum(records: list[Record], group: list[int]) -> str:
 def _content_key(records: list[Record], group: list[int]) -> str:
     texts = sorted(repr(sorted(records[i].data.items())) for i in group)
     return hashlib.sha1("\x00".join(texts).encode("utf-8")).hexdigest()
+
+
+def write_splits(parts: dict[str, list[Record]], source: str | Path, folder: Path,
+                 rejects: list[dict[str, Any]] = ()) -> dict[str, Path]:
+    """Write each part's rows as read (every column) to FOLDER/NAME.jsonl — NAME.parquet, with the input's exact
+    column types, when the input is Parquet or a saved `datasets` folder — and the rejects to FOLDER/rejects.jsonl
+    when there are any. Returns the path per part name (and `rejects`)."""
+    if rejects and "rejects" in parts:
+        raise DataError("a split named 'rejects' would share rejects.jsonl with the rows that can't be read",
+                        "give the split another name")
+    schema = source_schema(source)
+    suffix = ".parquet" if schema is not None else ".jsonl"
+    paths = {name: write_rows([r.raw for r in rows], folder / f"{name}{suffix}", schema=schema)
+             for name, rows in parts.items()}
+    if rejects:
+        paths["rejects"] = write_rows(list(rejects), folder / "rejects.jsonl")
+    return paths
