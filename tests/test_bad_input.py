@@ -123,9 +123,134 @@ RECIPE_CASES: list[Case] = [
 
 # ----------------------------------------------------------------------------------------------- command line
 
+def labelled(tmp: Path, name: str = "train.jsonl") -> str:
+    """LABELLED written to tmp/name; its path."""
+    return str(write_jsonl(tmp / name, LABELLED))
+
+
+def made(tmp: Path, *files: str, folders: tuple[str, ...] = ()) -> Path:
+    """Files (with a line of text) and folders created under tmp; returns tmp."""
+    for folder in folders:
+        (tmp / folder).mkdir(parents=True, exist_ok=True)
+    for name in files:
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_text("mine\n", encoding="utf-8")
+    return tmp
+
+
+def placeholder_run(tmp: Path, name: str = "run") -> str:
+    """A run folder with a manifest and placeholder files: commands that must refuse before loading get this far."""
+    base = made(tmp, "base/config.json") / "base"
+    run = made(tmp, f"{name}/adapter/adapter_config.json", f"{name}/adapter/adapter_model.safetensors",
+               f"{name}/tokenizer/tokenizer_config.json") / name
+    (run / "manifest.json").write_text(json.dumps({"tunesmith_run": 1, "method": "sft", "saved": "adapter",
+                                                   "base_model": {"name": str(base), "resolved": str(base)}}))
+    return str(run)
+
+
+def export_case(id: str, out: Callable[[Path], str], expect: tuple[str, ...], *extra: str) -> Case:
+    return Case(id, lambda t: ["export", placeholder_run(t), "--merge", "--out", out(t), *extra], expect)
+
+
 CLI_CASES: list[Case] = [
     Case("init-exists", lambda t: (t.joinpath("r.yaml").write_text("x: 1\n"), ["init", str(t / "r.yaml")])[1],
          ("r.yaml", "already exists")),
+    # numbers: counts and sizes below their minimum, non-finite floats, ports out of range
+    Case("balance-per-class-negative", lambda t: ["data", "balance", labelled(t), "--strategy", "down",
+                                                  "--per-class", "-3", "--out", "o.jsonl"],
+         ("argument --per-class: '-3' is not a whole number ≥ 1",)),
+    Case("synth-max-new-tokens-negative", lambda t: ["data", "synth", "--seeds", labelled(t), "-n", "2", "--out",
+                                                     "o.jsonl", "--max-new-tokens", "-1"],
+         ("argument --max-new-tokens: '-1'",)),
+    Case("synth-rows-zero", lambda t: ["data", "synth", "--seeds", labelled(t), "-n", "0", "--out", "o.jsonl"],
+         ("argument -n/--rows: '0'",)),
+    Case("synth-timeout-nan", lambda t: ["data", "synth", "--seeds", labelled(t), "-n", "2", "--out", "o.jsonl",
+                                         "--timeout", "nan"],
+         ("argument --timeout: 'nan' is not a finite number > 0",)),
+    Case("augment-copies-zero", lambda t: ["data", "augment", labelled(t), "--copies", "0", "--out", "o.jsonl"],
+         ("argument --copies: '0'",)),
+    Case("generate-max-new-tokens-negative", lambda t: ["generate", "run", "hi", "--max-new-tokens", "-1"],
+         ("argument --max-new-tokens: '-1' is not a whole number ≥ 1",)),
+    Case("generate-temperature-nan", lambda t: ["generate", "run", "hi", "--temperature", "nan"],
+         ("argument --temperature: 'nan' is not a finite number ≥ 0",)),
+    Case("chat-temperature-inf", lambda t: ["chat", "run", "--temperature", "inf"], ("argument --temperature: 'inf'",)),
+    Case("eval-batch-size-zero", lambda t: ["eval", "run", "--batch-size", "0"], ("argument --batch-size: '0'",)),
+    Case("eval-limit-zero", lambda t: ["eval", "run", "--limit", "0"], ("argument --limit: '0'",)),
+    Case("compare-max-new-tokens-zero", lambda t: ["compare", "r.yaml", "--methods", "lora", "--max-new-tokens", "0"],
+         ("argument --max-new-tokens: '0'",)),
+    Case("review-port-out-of-range", lambda t: ["review", "run", "base", "--port", "99999"],
+         ("argument --port: '99999' is not a port number from 0 to 65535",)),
+    Case("clean-max-tokens-zero", lambda t: ["data", "clean", labelled(t), "--out", "o.jsonl", "--max-tokens", "0"],
+         ("argument --max-tokens: '0'",)),
+    Case("check-max-len-zero", lambda t: ["data", "check", labelled(t), "--max-len", "0"],
+         ("argument --max-len: '0'",)),
+    Case("check-threshold-nan", lambda t: ["data", "check", labelled(t), "--threshold", "nan"],
+         ("argument --threshold: 'nan' is not a finite number",)),
+    Case("predict-top-zero", lambda t: ["predict", "run", "x", "--top", "0"], ("argument --top: '0'",)),
+    Case("predict-batch-size-negative", lambda t: ["predict", "run", "x", "--batch-size", "-4"],
+         ("argument --batch-size: '-4'",)),
+    Case("split-fractions-nan", lambda t: ["data", "split", labelled(t), "--out", "parts", "--fractions",
+                                           "nan,0.5,0.5"],
+         ("argument --fractions: 'nan' is not a number from 0 to 1",)),
+    Case("split-seed-negative", lambda t: ["data", "split", labelled(t), "--out", "parts", "--seed", "-1"],
+         ("argument --seed: '-1' is not a whole number ≥ 0",)),
+    Case("preview-rows-zero", lambda t: ["data", "preview", "r.yaml", "-n", "0"], ("argument -n/--rows: '0'",)),
+    # output paths: the wrong kind of thing, a missing folder, an input (or a folder holding one)
+    Case("split-out-is-a-file", lambda t: ["data", "split", labelled(t), "--out", str(made(t, "parts") / "parts")],
+         ("--out", "parts: is a file; give a folder")),
+    Case("split-out-in-a-missing-folder", lambda t: ["data", "split", labelled(t), "--out", "no/such/parts"],
+         ("--out no/such/parts: the folder no/such does not exist",)),
+    Case("split-out-holds-the-input", lambda t: ["data", "split", labelled(t), "--out", str(t)],
+         ("--out", "the output would be (or contain, or lie inside) the input")),
+    Case("check-out-is-a-file", lambda t: ["data", "check", labelled(t), "--out", str(made(t, "rep") / "rep"),
+                                           "--no-tokens"], ("--out", "rep: is a file; give a folder")),
+    Case("check-out-is-the-input", lambda t: ["data", "check", labelled(t), "--out", "train.jsonl", "--no-tokens"],
+         ("--out train.jsonl: the output would be",)),
+    Case("balance-out-is-a-folder", lambda t: ["data", "balance", labelled(t), "--strategy", "up", "--out",
+                                               str(made(t, folders=("o",)) / "o")], ("--out", "o: is a folder")),
+    Case("balance-out-is-the-input", lambda t: ["data", "balance", labelled(t), "--strategy", "weights", "--out",
+                                                "train.jsonl"], ("--out train.jsonl: the output would be",)),
+    Case("balance-out-without-a-strategy", lambda t: ["data", "balance", labelled(t), "--out", "w.json"],
+         ("--out w.json: --strategy report writes nothing",)),
+    Case("clean-out-in-a-missing-folder", lambda t: ["data", "clean", labelled(t), "--out", "no/clean.jsonl"],
+         ("--out no/clean.jsonl: the folder no does not exist",)),
+    Case("clean-out-is-the-recipe", lambda t: ["data", "clean", labelled(t), "--recipe",
+                                               str(recipe(t, "data:\n  train: train.jsonl\n")), "--out", "r.yaml"],
+         ("--out r.yaml: the output would be (or contain, or lie inside) the input",)),
+    Case("clean-out-is-an-against-file", lambda t: ["data", "clean", labelled(t), "--against", labelled(t, "e.jsonl"),
+                                                    "--out", "e.jsonl"], ("--out e.jsonl", "e.jsonl")),
+    Case("synth-out-is-the-seeds", lambda t: ["data", "synth", "--seeds", labelled(t), "-n", "2", "--out",
+                                              "train.jsonl"], ("--out train.jsonl: the output would be",)),
+    Case("data-review-export-is-the-review-file", lambda t: ["data", "review", str(made(t, "rev.jsonl") / "rev.jsonl"),
+                                                             "--export", "rev.jsonl"],
+         ("--export rev.jsonl: the output would be",)),
+    Case("augment-out-is-a-folder", lambda t: ["data", "augment", labelled(t), "--out",
+                                               str(made(t, folders=("aug",)) / "aug")], ("--out", "aug: is a folder")),
+    Case("predict-out-is-the-data", lambda t: ["predict", "run", "--data", labelled(t), "--out", "train.jsonl"],
+         ("--out train.jsonl: the output would be",)),
+    export_case("export-out-is-the-run", lambda t: str(t / "run"), ("--out", "would replace the run"),
+                "--overwrite"),
+    Case("export-out-holds-the-run", lambda t: ["export", placeholder_run(t, "runs/r"), "--merge", "--out",
+                                                str(t / "runs"), "--overwrite"], ("--out", "would replace the run")),
+    export_case("export-out-is-the-base-model", lambda t: str(t / "base"), ("--out", "the input"), "--overwrite"),
+    export_case("export-out-not-an-export", lambda t: str(made(t, "mine/notes.txt") / "mine"),
+                ("--out", "not a folder tunesmith exported (no tunesmith_export.json)"), "--overwrite"),
+    export_case("export-out-exists", lambda t: str(made(t, "mine/notes.txt") / "mine"), ("--out", "already exists")),
+    export_case("export-out-is-a-file", lambda t: str(made(t, "model.bin") / "model.bin"), ("--out", "is a file")),
+    Case("init-folder-with-force", lambda t: ["init", str(made(t, folders=("configs",)) / "configs"), "--force"],
+         ("configs: is a folder; `init` writes a recipe file",)),
+    Case("init-under-a-file", lambda t: ["init", str(made(t, "notes") / "notes" / "r.yaml")],
+         ("can't make the folder",)),
+    # ~user paths, empty texts
+    Case("unknown-user-in-a-data-path", lambda t: ["data", "check", "~nosuchuser-ts/train.jsonl"],
+         ("argument data: '~nosuchuser-ts/train.jsonl': can't expand '~nosuchuser-ts' (no such user)",)),
+    Case("unknown-user-in-out", lambda t: ["data", "split", labelled(t), "--out", "~nosuchuser-ts/parts"],
+         ("argument --out:", "no such user")),
+    Case("unknown-user-in-a-recipe-path", lambda t: ["validate", "~nosuchuser-ts/r.yaml"],
+         ("argument recipe:", "no such user")),
+    Case("predict-only-empty-texts", lambda t: ["predict", placeholder_run(t), "", "   "],
+         ("text 1: rejected — empty field", "text 2: rejected", "2 texts given, 0 to label, 2 rejected",
+          "error: no text to label")),
 ]
 
 

@@ -69,7 +69,8 @@ def test_data_clean_cli_writes_cleaned_rejects_and_summary(files, tmp_path, caps
     rejects = [json.loads(x) for x in (tmp_path / "clean.rejects.jsonl").read_text().splitlines()]
     assert sorted(r["line"] for r in rejects) == [3, 5, 8, 21, 22, 23, 33, 34, 35]
     assert main(["data", "clean", str(train), "--out", str(train)]) == 2
-    assert "the output would overwrite the input" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--out {train}: the output would be (or contain, or lie inside) the input {train}" in err
 
 
 def test_data_split_cli_writes_stratified_files(tmp_path, capsys):
@@ -151,6 +152,82 @@ def test_augment_noise_cli_marks_every_variant(tmp_path, capsys):
     assert main(["data", "augment", str(path), "--how", "paraphrase", "--teacher-url", "http://127.0.0.1:9/v1",
                  "--out", str(out)]) == 2
     assert "--teacher-url needs --teacher-model" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+
+
+def test_staged_files_land_whole_or_not_at_all(tmp_path):
+    from tunesmith.artifacts import staged_files
+    from tunesmith.errors import TunesmithError
+
+    folder = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with staged_files(folder) as stage:
+            (stage / "a.jsonl").write_text("1\n")
+            raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []  # no folder, no staging left
+    with staged_files(folder) as stage:
+        (stage / "a.jsonl").write_text("1\n")
+    assert [p.name for p in folder.iterdir()] == ["a.jsonl"]
+    (folder / "mine.txt").write_text("keep")
+    with staged_files(folder) as stage:
+        (stage / "a.jsonl").write_text("2\n")
+        (stage / "b.jsonl").write_text("3\n")
+    assert {p.name: p.read_text() for p in folder.iterdir()} == {"a.jsonl": "2\n", "b.jsonl": "3\n",
+                                                                  "mine.txt": "keep"}
+    with pytest.raises(TunesmithError, match=f"{folder / 'mine.txt'}: writing it would replace the input "):
+        with staged_files(folder, protect=[folder / "mine.txt"]) as stage:
+            (stage / "a.jsonl").write_text("4\n")
+            (stage / "mine.txt").write_text("lost")
+    assert {p.name: p.read_text() for p in folder.iterdir()} == {"a.jsonl": "2\n", "b.jsonl": "3\n",
+                                                                  "mine.txt": "keep"}
+
+
+def test_a_write_that_fails_leaves_no_output_and_no_temporary(tmp_path, monkeypatch, capsys):
+    import tunesmith.data.check as check
+
+    path = write_jsonl(tmp_path / "ok.jsonl", [{"text": t, "label": lab} for t, lab in zip(CLEAN, LABELS)])
+
+    def half_written(report, folder, stem="report"):
+        (folder / f"{stem}.json").write_text("{half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(check, "write_report", half_written)
+    out = tmp_path / "reports"
+    with pytest.raises(OSError):
+        main(["data", "check", str(path), "--out", str(out), "--no-tokens"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.jsonl"]  # no folder, no staging, no .tmp
+    out.mkdir()
+    (out / "report.json").write_text("earlier\n")
+    with pytest.raises(OSError):
+        main(["data", "check", str(path), "--out", str(out), "--no-tokens"])
+    assert [p.name for p in out.iterdir()] == ["report.json"] and (out / "report.json").read_text() == "earlier\n"
+
+
+def test_data_check_adds_its_report_to_an_existing_folder(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "ok.jsonl", [{"text": t, "label": lab} for t, lab in zip(CLEAN, LABELS)])
+    out = tmp_path / "reports"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    assert main(["data", "check", str(path), "--out", str(out), "--no-tokens"]) == 0
+    assert f"wrote {out / 'report.json'}" in capsys.readouterr().out
+    names = sorted(p.name for p in out.iterdir())
+    assert {"notes.md", "report.html", "report.json"} <= set(names) and not [n for n in names if n.startswith(".")]
+    assert (out / "notes.md").read_text() == "mine"
+    assert json.loads((out / "report.json").read_text())["rows"]["used"] == len(CLEAN)
+
+
+def test_balance_out_goes_with_a_strategy_that_writes(tmp_path, capsys):
+    from test_check import _split_rows
+
+    path = write_jsonl(tmp_path / "t.jsonl", _split_rows({"a": 6, "b": 2}))
+    assert main(["data", "balance", str(path), "--out", str(tmp_path / "w.json")]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (f"error: --out {tmp_path / 'w.json'}: --strategy report "
+                                                       "writes nothing")
+    assert main(["data", "balance", str(path), "--strategy", "down"]) == 2
+    assert "error: --strategy down writes a file: give --out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
 
 
 # ----------------------------------------------------------------------------------------------- the gate

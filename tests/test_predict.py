@@ -94,7 +94,7 @@ def test_bad_arguments_exit_2(classifier_runs, tmp_path):
     code, _, err = call("predict", str(runs["a"]), "--data", str(only_other))
     assert code == 2 and "no row has a usable 'text' column" in err and "--column" in err
     code, _, err = call("predict", str(runs["a"]), "x", "--top", "0")
-    assert code == 2 and "--top 0: give a positive number of labels" in err
+    assert code == 2 and "argument --top: '0' is not a whole number ≥ 1" in err
     code, _, err = call("predict", str(runs["a"]), "x", "--labels", " , ")
     assert code == 2 and "no labels" in err and "--labels positive,negative" in err
     code, _, err = call("predict", str(tmp_path / "missing-run"), "x")

@@ -7,7 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-from tunesmith import cli_data
+from tunesmith import cli_data, cli_synth
+from tunesmith.cli_common import non_negative_float, non_negative_int, path, port, positive_int
+from tunesmith.cli_common import quiet_libraries as _quiet_libraries
 from tunesmith.errors import TunesmithError
 
 
@@ -19,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     # SUPPRESS: a subcommand that wasn't given --debug must not reset `tunesmith --debug COMMAND` to False
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show a traceback on errors")
     recipe_args = argparse.ArgumentParser(add_help=False)
-    recipe_args.add_argument("recipe", help="recipe YAML file")
+    recipe_args.add_argument("recipe", type=path, help="recipe YAML file")
     recipe_args.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                              help="override recipe keys, e.g. train.learning_rate=1e-4 method.adapter=full")
 
@@ -28,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", parents=[common], help="write a commented starter recipe")
-    p.add_argument("path", nargs="?", default="recipe.yaml")
+    p.add_argument("path", nargs="?", type=path, default="recipe.yaml")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
 
     sub.add_parser("validate", parents=[common, recipe_args], help="check a recipe and its files; report every problem")
@@ -39,37 +41,41 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", parents=[common], help="check, clean, split, balance, grow and preview data")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     cli_data.register(dsub, common, recipe_args)
+    cli_synth.register(dsub, common)
 
     for name, text in (("generate", "answer prompts with a run's model"), ("chat", "chat with a run's model")):
         p = sub.add_parser(name, parents=[common], help=text)
-        p.add_argument("run", help="run folder written by `tunesmith train`")
+        p.add_argument("run", type=path, help="run folder written by `tunesmith train`")
         if name == "generate":
             p.add_argument("prompts", nargs="+", help="one or more prompts")
         p.add_argument("--base", action="store_true", help="answer with the untouched base model")
         p.add_argument("--system", default=None, help="system prompt")
-        p.add_argument("--max-new-tokens", type=int, default=256)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        p.add_argument("--max-new-tokens", type=positive_int, default=256)
+        p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
 
     p = sub.add_parser("eval", parents=[common], help="tuned vs base vs few-shot on the same held-out rows, "
                        "with confidence intervals, forgetting and leakage checks")
-    p.add_argument("run", help="run folder written by `tunesmith train`")
-    p.add_argument("--data", default=None, help="data file to evaluate on (default: the rows the run held out)")
+    p.add_argument("run", type=path, help="run folder written by `tunesmith train`")
+    p.add_argument("--data", type=path, default=None,
+                   help="data file to evaluate on (default: the rows the run held out)")
     p.add_argument("--against", default="base,fewshot",
                    help="comparisons: base, fewshot and/or other run folders, comma-separated (default base,fewshot)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
-    p.add_argument("--shots", type=int, default=4, help="in-context examples for the few-shot baseline (default 4)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N rows only")
+    p.add_argument("--shots", type=non_negative_int, default=4,
+                   help="in-context examples for the few-shot baseline (default 4)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--include-leaked", action="store_true", help="keep rows that match training rows (reported "
                    "either way)")
     p.add_argument("--no-forgetting", action="store_true", help="skip the general-ability (forgetting) check")
     p.add_argument("--name", default=None, help="folder under RUN/eval/ (default: the data file's name or heldout)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reward-model", default=None, metavar="RUN", help="a reward-model run: score every system's "
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--reward-model", type=path, default=None, metavar="RUN",
+                   help="a reward-model run: score every system's "
                    "answers, the tuned model's win rate against each, and its KL to the base model")
 
     p = sub.add_parser("score", parents=[common], help="score replies to a prompt with a reward-model run")
-    p.add_argument("run", help="run folder of a `method: reward` run")
+    p.add_argument("run", type=path, help="run folder of a `method: reward` run")
     p.add_argument("--prompt", required=True, help="the user's message (or a '\\n\\nHuman: … Assistant:' transcript)")
     p.add_argument("--response", action="append", required=True, help="a reply to score; repeat to compare several")
     p.add_argument("--system", default=None, help="system prompt")
@@ -83,65 +89,83 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe key for every arm (like the KEY=VALUE arguments)")
     p.add_argument("--arm-set", action="append", default=[], metavar="ARM:KEY=VALUE",
                    help="override a recipe key for one arm, e.g. prompt:train.learning_rate=3e-2")
-    p.add_argument("--out", default=None, help="folder for the arms' run folders and the table "
+    p.add_argument("--out", type=path, default=None, help="folder for the arms' run folders and the table "
                    "(default runs/compare-RECIPE_NAME)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N validation rows only")
-    p.add_argument("--shots", type=int, default=4, help="solved examples in the fewshot baseline's prompts")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
-    p.add_argument("--seed", type=int, default=0, help="seeds the bootstrap and the few-shot examples "
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N validation rows only")
+    p.add_argument("--shots", type=non_negative_int, default=4,
+                   help="solved examples in the fewshot baseline's prompts")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="evaluation batch size")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seeds the bootstrap and the few-shot examples "
                    "(training uses train.seed)")
     p.add_argument("--fresh", action="store_true", help="retrain every arm, even one whose run folder matches")
     p.add_argument("--verbose", action="store_true", help="show each arm's output here, not only in OUT/logs/")
 
     p = sub.add_parser("report", parents=[common], help="write RUN/report.html: curves, evaluations, human review, "
                        "data check (one file, opens offline)")
-    p.add_argument("run", help="run folder written by `tunesmith train`")
+    p.add_argument("run", type=path, help="run folder written by `tunesmith train`")
 
     p = sub.add_parser("review", parents=[common], help="blinded pairwise human review of two runs (or a run and its "
                        "base) in a local web page; votes kept in RUN_A/review/")
-    p.add_argument("run_a", help="run folder")
-    p.add_argument("run_b", help="another run folder, or 'base' for RUN_A's untouched base model")
-    p.add_argument("--data", default=None, help="rows whose prompts are answered (any data file tunesmith reads)")
-    p.add_argument("--limit", type=int, default=None, help="review the first N prompts")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0, help="seeds which answer is shown on the left")
+    p.add_argument("run_a", type=path, help="run folder")
+    p.add_argument("run_b", type=path, help="another run folder, or 'base' for RUN_A's untouched base model")
+    p.add_argument("--data", type=path, default=None,
+                   help="rows whose prompts are answered (any data file tunesmith reads)")
+    p.add_argument("--limit", type=positive_int, default=None, help="review the first N prompts")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seeds which answer is shown on the left")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8765, help="port (0 = any free port)")
+    p.add_argument("--port", type=port, default=8765, help="port (0 = any free port)")
     p.add_argument("--reviewer", default=None, help="your name (the page asks otherwise)")
     p.add_argument("--results", action="store_true", help="print the win rate so far and exit")
-    p.add_argument("--export", default=None, metavar="CSV", help="write every vote to CSV and exit")
-    p.add_argument("--reward-model", default=None, metavar="RUN", help="with --results: how often this reward model "
+    p.add_argument("--export", type=path, default=None, metavar="CSV", help="write every vote to CSV and exit")
+    p.add_argument("--reward-model", type=path, default=None, metavar="RUN",
+                   help="with --results: how often this reward model "
                    "prefers the answer the reviewers preferred")
 
     p = sub.add_parser("predict", parents=[common], help="label texts with a run: a classifier's (classify, features, "
                        "ensemble) or a text generator's answer among allowed labels, with probabilities")
-    p.add_argument("run", help="run folder written by `tunesmith train`")
+    p.add_argument("run", type=path, help="run folder written by `tunesmith train`")
     p.add_argument("texts", nargs="*", help="texts to label (or --data)")
-    p.add_argument("--data", default=None, help="label every row of this JSONL, CSV or Parquet file")
+    p.add_argument("--data", type=path, default=None, help="label every row of this JSONL, CSV or Parquet file")
     p.add_argument("--column", default="text", help="the column of --data that holds the text (default text)")
-    p.add_argument("--out", default=None, help="where --data's predictions go (.jsonl, .csv or .parquet; default "
+    p.add_argument("--out", type=path, default=None,
+                   help="where --data's predictions go (.jsonl, .csv or .parquet; default "
                    "RUN/predictions/DATA_NAME.jsonl)")
-    p.add_argument("--top", type=int, default=3, help="labels to list per text, most probable first (default 3)")
+    p.add_argument("--top", type=positive_int, default=3,
+                   help="labels to list per text, most probable first (default 3)")
     p.add_argument("--labels", default=None, help="for a run that answers in text (sft, fewshot, …): the answers to "
                    "choose from, comma-separated (default: the labels of the classification rows it trained on)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
 
     p = sub.add_parser("export", parents=[common], help="write a standalone model folder")
-    p.add_argument("run")
+    p.add_argument("run", type=path, help="run folder written by `tunesmith train`")
     p.add_argument("--merge", action="store_true", required=True, help="merge the adapter into the base weights")
-    p.add_argument("--out", default=None, help="output folder (default RUN/merged)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", type=path, default=None, help="output folder (default RUN/merged)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is a folder tunesmith exported")
 
     sub.add_parser("methods", parents=[common], help=f"list training methods ({', '.join(REGISTRY)})")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: parse, dispatch, and turn TunesmithErrors into a message and exit code 2."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Entry point: parse, dispatch, and turn TunesmithErrors into a message and exit code 2 (argparse's own
+    errors also return 2); a reader that stops early (`tunesmith methods | head -1`) ends the command quietly."""
+    try:
+        code = _dispatch(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, as a command killed by the closed pipe would
+
+
+def _dispatch(argv: list[str]) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse printed the usage error (or --help)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return COMMANDS[args.command](args) or 0
     except TunesmithError as exc:
@@ -156,14 +180,33 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush into a closed pipe raises nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # a stdout without a file descriptor (captured in tests)
+        pass
+    finally:
+        os.close(devnull)
+
+
 def cmd_init(args) -> int:
+    from tunesmith.artifacts import atomic_write
     from tunesmith.recipe import starter_recipe
 
     path = Path(args.path)
+    if path.is_dir():
+        raise TunesmithError(f"{path}: is a folder; `init` writes a recipe file",
+                             f"give a file name, e.g. tunesmith init {path / 'recipe.yaml'}")
     if path.exists() and not args.force:
         raise TunesmithError(f"{path} already exists", "pass --force to overwrite it, or give another path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(starter_recipe(path.name), encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TunesmithError(f"{path}: can't make the folder {path.parent} ({exc.strerror})",
+                             "give a path in a folder you can write to") from None
+    atomic_write(path, starter_recipe(path.name))
     print(f"wrote {path}; edit data.train, then `tunesmith validate {path}`")
     return 0
 
@@ -190,7 +233,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_data(args) -> int:
-    return cli_data.run(args)
+    return {**cli_data.COMMANDS, **cli_synth.COMMANDS}[args.data_command](args)
 
 
 def cmd_generate(args) -> int:
@@ -267,19 +310,38 @@ def cmd_predict(args) -> int:
     if bool(args.texts) == bool(args.data):
         raise TunesmithError("give texts to label or --data FILE (one of the two)",
                              f"e.g. tunesmith predict {args.run} \"I lost my card\"  or  --data questions.jsonl")
-    if args.top < 1:
-        raise TunesmithError(f"--top {args.top}: give a positive number of labels")
     labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
     if args.labels is not None and not labels:
         raise TunesmithError(f"--labels {args.labels!r}: no labels", "e.g. --labels positive,negative")
+    if args.out:
+        from tunesmith.artifacts import check_output
+
+        check_output(args.out, "--out", inputs=[args.data])
+    texts = _usable_texts(args.texts)
     _quiet_libraries()
     if args.data:
         print(describe_file(predict_file(args.run, args.data, args.column, args.out, args.top, args.batch_size,
                                          labels)))
     else:
-        print(describe_texts(args.texts, predict_texts(args.run, args.texts, args.top, args.batch_size,
-                                                       labels=labels)))
+        print(describe_texts(texts, predict_texts(args.run, texts, args.top, args.batch_size, labels=labels)))
     return 0
+
+
+def _usable_texts(texts: list[str]) -> list[str]:
+    """The command line's texts that have words; an empty one is rejected as `--data` rejects an empty row (its
+    position and reason, and the counts, on stderr), and none usable is an error."""
+    rejected = [i for i, text in enumerate(texts, 1) if not text.strip()]
+    if not rejected:
+        return texts
+    for i in rejected:
+        print(f"text {i}: rejected — empty field: the text has no words", file=sys.stderr)
+    usable = [t for t in texts if t.strip()]
+    print(f"{len(texts)} text{'s' * (len(texts) != 1)} given, {len(usable)} to label, {len(rejected)} rejected "
+          f"(empty field ×{len(rejected)})", file=sys.stderr)
+    if not usable:
+        raise TunesmithError("no text to label: every text given is empty", "give the texts in quotes, e.g. "
+                             "tunesmith predict RUN \"I lost my card\"")
+    return usable
 
 
 def cmd_compare(args) -> int:
@@ -371,18 +433,6 @@ def cmd_methods(args) -> int:
         lines += field_table(SECTIONS[key], f"method.{key}", indent=pad) if key else [f"{pad}(no settings)"]
     print("\n".join(lines))
     return 0
-
-
-def _quiet_libraries() -> None:
-    """Keep library chatter (advisory warnings) off the terminal; our own summaries say what matters."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
 
 
 COMMANDS = {"init": cmd_init, "validate": cmd_validate, "train": cmd_train, "data": cmd_data,

@@ -5,7 +5,6 @@ Reads only the run folder: the manifest says which base model and which saved we
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -141,14 +140,18 @@ def export_merged(path: str | Path, out: str | Path, overwrite: bool = False) ->
     """Write a standalone model folder (weights, tokenizer, generation config), the adapter merged in; a classify or
     reward run becomes a sequence-classification folder (its method's `export`). Other classifier runs are refused.
 
-    Adapters that can't be merged exactly (qlora, prefix, prompt, bottleneck) raise a RunError saying why, before
-    anything is loaded.
+    `out` is checked before anything is read or loaded: not the run nor a folder holding it, not the base model's
+    folder, and an existing folder is replaced only with `overwrite` and only when tunesmith exported it (its
+    EXPORT_MARKER). The folder is built beside `out` and moved into place when complete. Adapters that can't be
+    merged exactly (qlora, prefix, prompt, bottleneck) raise a RunError saying why, before anything is loaded.
     """
+    from tunesmith.artifacts import staged_dir, write_json
     from tunesmith.methods import REGISTRY
     from tunesmith.methods.adapters import check_mergeable, merge_for_export, run_adapter
 
     run = open_run(path)
     manifest = run.read_manifest()
+    out = export_target(run, manifest, out, overwrite)
     method = REGISTRY.get(manifest.get("method", ""))
     standalone = method.export if method is not None else None  # a classifier that stands alone (classify, reward)
     if standalone is None:
@@ -158,24 +161,41 @@ def export_merged(path: str | Path, out: str | Path, overwrite: bool = False) ->
                        "its base model is the model: use model.name from its recipe.yaml directly")
     adapter = run_adapter(run, manifest).adapter
     check_mergeable(adapter)
-    out = _fresh_folder(Path(out), overwrite)
-    if standalone is not None:
-        return standalone(run.root, out)
-    loaded = load_run(path)
-    model = merge_for_export(loaded.model, adapter)
-    model.save_pretrained(out)
-    loaded.tokenizer.padding_side = "right"
-    loaded.tokenizer.save_pretrained(out)
-    loaded.generation_config.save_pretrained(out)
+    with staged_dir(out, replace=True) as stage:
+        if standalone is not None:
+            standalone(run.root, stage)
+        else:
+            loaded = load_run(path)
+            merge_for_export(loaded.model, adapter).save_pretrained(stage)
+            loaded.tokenizer.padding_side = "right"
+            loaded.tokenizer.save_pretrained(stage)
+            loaded.generation_config.save_pretrained(stage)
+        write_json(stage / EXPORT_MARKER, {"tunesmith_export": 1, "run": str(run.root.resolve()),
+                                           "method": manifest.get("method"), "adapter": adapter})
     return out
 
 
-def _fresh_folder(out: Path, overwrite: bool) -> Path:
-    """`out`, refusing one that holds files unless `overwrite` (then it is emptied)."""
-    if out.exists() and any(out.iterdir()):
+EXPORT_MARKER = "tunesmith_export.json"  # in every folder `tunesmith export` writes: only such a folder is replaced
+
+
+def export_target(run, manifest: dict[str, Any], out: str | Path, overwrite: bool) -> Path:
+    """`out` checked as export's output folder (see export_merged); a RunError naming --out otherwise."""
+    from tunesmith.artifacts import check_output
+
+    bm = manifest.get("base_model") or {}
+    bases = [p for p in (bm.get("name"), bm.get("resolved")) if isinstance(p, str) and Path(p).expanduser().exists()]
+    out = check_output(out, "--out", inputs=bases, folder=True)
+    root, target = run.root.resolve(), out.resolve()
+    if target == root or target in root.parents:
+        raise RunError(f"--out {out}: the output would replace the run {run.root} it exports from",
+                       f"give a new folder, e.g. --out {run.root / 'merged'} (the default)")
+    if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise RunError(f"{out}: already exists", "choose another --out folder or pass --overwrite")
-        shutil.rmtree(out)
+            raise RunError(f"--out {out}: already exists",
+                           "choose another --out folder, or pass --overwrite to replace an earlier export")
+        if not (out / EXPORT_MARKER).is_file():
+            raise RunError(f"--out {out}: not a folder tunesmith exported (no {EXPORT_MARKER}); --overwrite "
+                           "replaces only those", "choose a new --out folder, or move this one away yourself")
     return out
 
 
