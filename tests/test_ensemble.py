@@ -73,7 +73,7 @@ def test_ensemble_pools_the_members_own_probabilities(members, tiny_model_dir, c
     summary_text = "\n".join(printed)
     assert f"members: {runs['a']}, {runs['b']}, {runs['c']} · method: ensemble (each member in its own precision)" \
         in summary_text
-    assert "tokens: each member reads the texts" in summary_text and "truncated to max_seq_len" not in summary_text
+    assert "tokens: each model reads the texts" in summary_text and "truncated to max_seq_len" not in summary_text
     for i, member in enumerate(summary["members"]):
         assert f"member {i}" in summary_text and f"validation accuracy {member['validation_accuracy']:.4f}" in \
             summary_text

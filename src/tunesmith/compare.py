@@ -33,6 +33,7 @@ from tunesmith import artifacts
 from tunesmith.artifacts import RunDir
 from tunesmith.compare_table import markdown, paired_difference, score, table_text
 from tunesmith.errors import RecipeError, TunesmithError
+from tunesmith.methods import REGISTRY
 from tunesmith.recipe import MethodParams, Recipe, apply_overrides, load_recipe, parse_recipe, recipe_changes
 
 ZERO_SHOT = ("zero-shot", "base")
@@ -83,7 +84,6 @@ class Arm:
 
 def valid_names() -> list[str]:
     """Every entry --methods accepts (besides METHOD:ADAPTER)."""
-    from tunesmith.methods import REGISTRY
     from tunesmith.methods.adapters import ADAPTERS
 
     names = list(ADAPTERS) + list(REGISTRY) + list(ZERO_SHOT)
@@ -92,7 +92,6 @@ def valid_names() -> list[str]:
 
 def parse_arms(spec: str | list[str], recipe_method: MethodParams) -> list[Arm]:
     """The arms --methods names, in order; a TunesmithError (exit 2) listing the valid names for an unknown one."""
-    from tunesmith.methods import REGISTRY
     from tunesmith.methods.adapters import ADAPTERS
 
     items = [x.strip() for x in (spec.split(",") if isinstance(spec, str) else spec) if x.strip()]
@@ -169,7 +168,6 @@ def arm_method_section(params: MethodParams, method: str, adapter: str | None) -
     """
     from pydantic import ValidationError
 
-    from tunesmith.methods import REGISTRY
     from tunesmith.methods.adapters import ADAPTERS, SECTIONS, LoraParams
 
     def accepted(key: str, value: Any) -> bool:
@@ -211,7 +209,6 @@ def arm_recipe(base: Recipe, arm: Arm, out: Path, members: list[Arm] = ()) -> Re
 
 def ensemble_members(arms: list[Arm]) -> list[Arm]:
     """The arms an `ensemble` arm pools: every arm that trains a classifier (classify, features)."""
-    from tunesmith.methods import REGISTRY
 
     return [a for a in arms if a.method and a.method != ENSEMBLE and REGISTRY[a.method].predict is not None]
 

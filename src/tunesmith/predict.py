@@ -36,7 +36,7 @@ def classifier_predict(run_path: str | Path, labels: list[str] | None = None) ->
     manifest = run.read_manifest()
     name = manifest.get("method", "")
     method = REGISTRY.get(name)
-    if name == "reward":
+    if method is not None and method.scores_replies:
         raise RunError(f"{run.root}: a reward model scores replies to a prompt; it has no labels",
                        f"score replies with `tunesmith score {run.root} PROMPT REPLY …`")
     if method is not None and method.predict is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -65,8 +64,7 @@ def train_run(recipe: Recipe, resume: bool = False, callbacks: list | None = Non
     rng = random.Random(recipe.train.seed)
     loss_rows = rng.sample(encoded.train, min(recipe.eval.loss_rows, len(encoded.train)))
     precision = pick_precision(recipe.train.precision)
-    members = getattr(recipe.method, "members", None)  # an ensemble: its members bring their own models
-    echo(f"members: {', '.join(members)} · method: {method.name} (each member in its own precision)" if members else
+    echo(method.models_line(recipe.method) if method.models_line else
          f"model: {source.describe()} · method: {method.name} ({getattr(recipe.method, 'adapter', '-')}) · "
          f"precision: {precision}" + (" (auto)" if recipe.train.precision == "auto" else ""))
     job = Job(recipe=recipe, run=run, source=source, tokenizer=tokenizer, train_rows=encoded.train,
@@ -117,7 +115,8 @@ def prepare_stage(recipe: Recipe, method, stage: RunDir, shown: RunDir, echo: Ca
     tokenizer = load_tokenizer(source)
     encoded = (method.encode or encode_rows)(data, tokenizer, recipe)
     write_rejects(data.rejects + encoded.rejects, stage.rejects)
-    echo(data_summary(data.counts(), len(encoded.rejects), stats(encoded.train), recipe, shown))
+    echo(data_summary(data.counts(), len(encoded.rejects), stats(encoded.train), recipe, shown,
+                      own_tokens=method.models_line is None))
     check_reject_share(data, recipe.data.max_reject_fraction, encoded.rejects)
     check_enough_rows(recipe, data, encoded)
     if recipe.data.check.enabled:
@@ -156,15 +155,17 @@ def check_enough_rows(recipe: Recipe, data, encoded: EncodedData) -> None:
 
 
 def recipe_inputs(recipe: Recipe, recipe_path: str | Path | None) -> list[str]:
-    """Every file or folder the recipe reads: the run folder may neither be, contain nor lie inside one."""
-    paths = [recipe_path, recipe.data.train, recipe.data.validation, recipe.model.cache_dir]
-    if recipe.data.class_weights not in (None, "auto"):
-        paths.append(recipe.data.class_weights)
-    if Path(recipe.model.name).exists():
-        paths.append(recipe.model.name)
-    for key in ("start_from", "policy", "reward_model"):
-        paths.append(getattr(recipe.method, key, None))
-    paths.extend(getattr(recipe.method, "members", None) or [])
+    """Every file or folder the recipe reads (its fields marked as paths, except output.dir): the run folder may
+    neither be, contain nor lie inside one."""
+    from tunesmith.schema import path_keys
+
+    paths: list[Any] = [recipe_path]
+    for section in (recipe.model, recipe.data, recipe.method):
+        for name, mark in path_keys(type(section)).items():
+            value = getattr(section, name)
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, str) and item not in mark.words and Path(item).exists():
+                    paths.append(item)
     return [str(p) for p in paths if isinstance(p, (str, Path)) and p]
 
 
@@ -173,8 +174,9 @@ def check_target(target: Path, overwrite: bool, inputs: list[str]) -> None:
     replace; an existing run is replaced only with output.overwrite, and only after the data checks pass."""
     for item in inputs:
         if artifacts.related(target, item):
-            raise RunError(f"`output.dir` {target}: the run folder would be, contain or lie inside {item}, which "
-                           "this run reads", "give output.dir a folder of its own, e.g. runs/NAME")
+            raise RunError(f"`output.dir` {target}: the run folder would be, contain or lie inside "
+                           f"{Path(item).resolve()}, which this run reads",
+                           "give output.dir a folder of its own, e.g. runs/NAME")
     if target.exists() and not target.is_dir():
         raise RunError(f"`output.dir` {target}: is a file, not a folder", "give output.dir a new folder")
     if not target.exists() or not any(target.iterdir()):
@@ -293,8 +295,9 @@ def save_tokenizer_and_generation(run: RunDir, tokenizer, source) -> None:
 
 
 def data_summary(counts: dict[str, Any], formatting_rejects: int, train_stats: dict[str, Any], recipe: Recipe,
-                 run: RunDir) -> str:
-    """The data lines printed before training."""
+                 run: RunDir, own_tokens: bool = True) -> str:
+    """The data lines printed before training (`own_tokens` false: the run's models read the texts each their own
+    way, so the recipe's tokenizer counts nothing)."""
     lines = [f"data ({counts['kind']}):"]
     for path, c in counts["files"].items():
         reasons = ", ".join(f"{k} ×{v}" for k, v in c["reasons"].items())
@@ -302,8 +305,8 @@ def data_summary(counts: dict[str, Any], formatting_rejects: int, train_stats: d
                      + (f" ({reasons})" if reasons else ""))
     lines.append(f"  train {counts['train_rows']} rows · validation {counts['validation_rows']} rows "
                  f"({'from file' if counts['validation_source'] == 'file' else 'held out from train'})")
-    if getattr(recipe.method, "members", None):  # an ensemble: each member reads the texts its own way
-        lines.append("  tokens: each member reads the texts with its own tokenizer, template and max_seq_len")
+    if not own_tokens:
+        lines.append("  tokens: each model reads the texts with its own tokenizer, template and max_seq_len")
     else:
         lines.append(f"  tokens: {train_stats['tokens']} ({train_stats['trained_tokens']} trained), length "
                      f"median {train_stats['length_median']} / max {train_stats['length_max']}; "
@@ -340,11 +343,8 @@ def train_summary(manifest: dict[str, Any], run: RunDir) -> str:
     if losses.get("validation_accuracy_after") is not None:  # classifiers
         rows.append(("validation accuracy", f"{fmt(losses.get('validation_accuracy_before'))} -> "
                                             f"{fmt(losses['validation_accuracy_after'])}"))
-    members = sorted(int(k.split("_")[1]) for k in losses if re.fullmatch(r"member_\d+_validation_accuracy", k))
-    for i in members:  # method: ensemble
-        rows.append((f"member {i}", f"validation accuracy {fmt(losses[f'member_{i}_validation_accuracy'])}"))
-    if losses.get("probe_train_accuracy") is not None:  # classify with head_init: probe
-        rows.append(("head init", f"linear probe, training accuracy {losses['probe_train_accuracy']:.4f} "
-                                  f"({losses['probe_seconds']:.1f} s)"))
+    method = REGISTRY.get(manifest["method"])
+    if method is not None and method.summary_rows:
+        rows.extend(method.summary_rows(losses))
     width = max(len(k) for k, _ in rows)
     return "\n".join(["", "summary"] + [f"  {k:<{width}}  {v}" for k, v in rows])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 from tunesmith.artifacts import atomic_path, atomic_write
 from tunesmith.data.records import Record

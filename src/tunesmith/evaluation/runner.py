@@ -22,6 +22,7 @@ from tunesmith.data.snapshot import Snapshot, check_unchanged, has_snapshot, rea
 from tunesmith.data.format import prompt_messages
 from tunesmith.data.records import Record, load_records, record_text
 from tunesmith.errors import DataError, RunError
+from tunesmith.methods import scores_replies
 
 TASKS = {"classification": "classification", "chat": "generation", "instruction": "generation", "text": "lm",
          "preference": "preference"}
@@ -68,7 +69,7 @@ def evaluate_run(run_path: str | Path, options: EvalOptions | None = None,
     started = time.time()
     run = open_run(run_path)
     rows = eval_rows(run, options)
-    is_reward = run.read_manifest().get("method") == "reward"
+    is_reward = scores_replies(run.read_manifest())
     task = TASKS[rows.kind] if rows.kind != "preference" or is_reward else "generation"  # a policy answers prompts
     if is_reward and task != "preference":
         raise DataError(f"{rows.source}: a reward-model run scores preference rows, not {rows.kind} rows",
@@ -312,7 +313,7 @@ def reward_specs(run, options: EvalOptions, echo: Callable[[str], None]) -> dict
         if item in ("base", "fewshot"):
             continue  # a base model has no reward head: nothing to compare on preference pairs
         other = open_run(item)
-        if other.read_manifest().get("method") != "reward":
+        if not scores_replies(other.read_manifest()):
             echo(f"  skipping {item}: not a reward-model run")
             continue
         name = other.root.name if other.root.name not in specs else str(other.root)

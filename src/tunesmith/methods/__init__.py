@@ -16,4 +16,11 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
 )}
 register_methods(REGISTRY)  # what a recipe may name; the first (sft) is what a recipe without `method` trains
 
-__all__ = ["REGISTRY", "Method", "TrainOutcome"]
+
+def scores_replies(manifest: dict) -> bool:
+    """True when the run a manifest describes is a reward model (its method scores replies)."""
+    method = REGISTRY.get(manifest.get("method", ""))
+    return method is not None and method.scores_replies
+
+
+__all__ = ["REGISTRY", "scores_replies", "Method", "TrainOutcome"]

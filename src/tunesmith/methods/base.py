@@ -23,6 +23,10 @@ class Method:
     fields (`name`, `params`, `record_types`, `metrics`, `check`: schema.MethodSchema) and never by its name.
     `export(run_dir, out)`, for classifier runs that can stand alone as a transformers model (classify, reward),
     writes that folder; `tunesmith export` refuses the other classifiers and merges the generators.
+    `scores_replies`: the run is a reward model — it scores (prompt, reply) pairs, so eval measures it on preference
+    rows and predict points to `tunesmith score`. `models_line(params)`, for runs whose models come from elsewhere
+    (an ensemble's members), is the line train prints instead of the model's; each of those models then reads the
+    texts with its own tokenizer. `summary_rows(losses)` adds the method's own lines to train's summary table.
     """
 
     name: str
@@ -36,6 +40,9 @@ class Method:
     check: Callable[..., list[str]] | None = None  # (method, train, data sections) -> what the recipe alone gets wrong
     metrics: tuple[str, ...] = ("loss",)  # validation metrics its training measures (keep_best, early stopping)
     export: Callable[..., Any] | None = None  # (run dir, out folder) -> out: a classifier as a standalone folder
+    scores_replies: bool = False  # a reward model: scores replies to prompts (eval on preference rows, `score`)
+    models_line: Callable[[MethodParams], str] | None = None  # its models come from elsewhere: what train prints
+    summary_rows: Callable[[dict[str, Any]], list[tuple[str, str]]] | None = None  # its own summary-table lines
 
 
 @dataclass

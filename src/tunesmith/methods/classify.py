@@ -657,4 +657,7 @@ METHOD = Method(
     check=padded_batches("each row is classified on its own, so batches are padded"),
     metrics=("loss", "accuracy"),
     export=export,
+    summary_rows=lambda losses: [] if losses.get("probe_train_accuracy") is None else [
+        ("head init", f"linear probe, training accuracy {losses['probe_train_accuracy']:.4f} "
+                      f"({losses['probe_seconds']:.1f} s)")],
 )

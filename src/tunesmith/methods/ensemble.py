@@ -14,6 +14,7 @@ scale the members (default equal). Read top to bottom: parameters, members, pool
 from __future__ import annotations
 
 import json
+import re
 import math
 import time
 from pathlib import Path
@@ -225,4 +226,9 @@ METHOD = Method(
     encode=encode_labelled,
     check=member_problems,
     metrics=(),
+    models_line=lambda params: f"members: {', '.join(params.members)} · method: ensemble "
+                               "(each member in its own precision)",
+    summary_rows=lambda losses: [
+        (f"member {i}", f"validation accuracy {losses[f'member_{i}_validation_accuracy']:.4f}")
+        for i in sorted(int(k.split("_")[1]) for k in losses if re.fullmatch(r"member_\d+_validation_accuracy", k))],
 )

@@ -338,4 +338,5 @@ METHOD = Method(
     check=padded_batches("each conversation is scored on its own, so batches are padded"),
     metrics=("loss", "accuracy"),
     export=export,
+    scores_replies=True,
 )
