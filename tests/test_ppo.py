@@ -416,38 +416,75 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_
     cut = tmp_path / "cut"
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["checkpoint-2"]
     monkeypatch.setattr(ppo, "update", real_update)
+    plant_pickle(cut / "checkpoints" / "checkpoint-2" / ppo.LEGACY_STATE, tmp_path / "pwned")  # beside the state
     manifest = train_run(recipe, resume=True, echo=lambda _: None)
+    assert not (tmp_path / "pwned").exists()  # never unpickled: the safetensors and JSON state were used
 
     straight = [r for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "reward" in r]
     resumed = [r for r in read_metrics(cut / "metrics.jsonl") if "reward" in r]
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # step 3's first try left no row behind
-    for a, b in zip(straight, resumed):
-        assert a["reward"] == pytest.approx(b["reward"]) and a["kl_coef"] == pytest.approx(b["kl_coef"])
-        assert a["learning_rate"] == pytest.approx(b["learning_rate"]) and a["kl"] == pytest.approx(b["kl"], abs=1e-5)
+    for a, b in zip(straight, resumed):  # bit for bit: every logged number is the same float
+        assert {k: v for k, v in a.items()} == {k: v for k, v in b.items()}
     assert straight[3]["kl_coef"] != 0.05  # the adaptive coefficient moved, and the checkpoint carried it
     for name in ("adapter/adapter_model.safetensors", "value_head.safetensors"):
         a, b = load_file(tmp_path / "straight" / name), load_file(cut / name)
-        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert manifest["training"]["steps"] == 4 and manifest["training"]["resumed"] is True
     assert manifest["training"]["trained_tokens"] == sum(r["response_length"] * 4 for r in straight)
 
 
-def test_resume_refuses_a_missing_or_foreign_checkpoint(tmp_path, tiny_model_dir):
+def plant_pickle(path, marker):
+    """A pickle that writes `marker` when it is unpickled (the attack a torch.load(weights_only=False) lets in)."""
+    import pathlib
+    import pickle
+
+    class Plant:
+        def __reduce__(self):
+            return pathlib.Path.write_text, (marker, "the planted pickle ran")
+
+    path.write_bytes(pickle.dumps(Plant()))
+
+
+def test_resume_refuses_a_missing_foreign_damaged_or_pickled_checkpoint(tmp_path, tiny_model_dir):
+    import pickle
     import shutil
 
-    from tunesmith.methods.ppo import CHECKPOINT_STATE
+    from tunesmith.methods.ppo import (CHECKPOINT_STATE, CHECKPOINT_TENSORS, LEGACY_STATE, read_state,
+                                       write_state)
 
     reward_file = tmp_path / "length.py"
     reward_file.write_text("def short(prompts, responses):\n    return [-len(r) / 10 for r in responses]\n")
     recipe = make_recipe(tmp_path, tiny_model_dir, prompt_file(tmp_path, 8), {"reward_function": f"{reward_file}:short"},
                          max_steps=2, save_every=1)
     train_run(recipe, echo=lambda _: None)
-    state_file = tmp_path / "run" / "checkpoints" / "checkpoint-1" / CHECKPOINT_STATE
-    state = torch.load(state_file, weights_only=False)
+    folder = tmp_path / "run" / "checkpoints" / "checkpoint-1"
+    assert sorted(p.name for p in folder.iterdir()) == [CHECKPOINT_STATE, CHECKPOINT_TENSORS]
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*"))  # no staging folder left behind
+    state = read_state(folder)
+    assert state["progress"]["step"] == 1 and isinstance(state["optimizer"]["state"], dict)
+    assert all(isinstance(k, int) for k in state["optimizer"]["state"])  # parameter indices stay numbers
+    assert isinstance(state["optimizer"]["param_groups"][0]["betas"], tuple)
     state["trainable"]["model.no_such_layer.weight"] = torch.zeros(1)  # a checkpoint of some other model
-    torch.save(state, state_file)
+    write_state(folder, state)
     with pytest.raises(RunError, match="the checkpoint has weights this model lacks \\(model.no_such_layer.weight"):
         train_run(recipe, resume=True, echo=lambda _: None)
+
+    (folder / CHECKPOINT_STATE).write_text('{"format": 1, "state": {"trai')  # cut short
+    with pytest.raises(RunError, match="checkpoint-1: the PPO checkpoint can't be read"):
+        train_run(recipe, resume=True, echo=lambda _: None)
+
+    marker, proof = tmp_path / "pwned", tmp_path / "proof"
+    plant_pickle(folder / LEGACY_STATE, marker)  # where older versions kept their state
+    plant_pickle(tmp_path / "live.pkl", proof)
+    pickle.loads((tmp_path / "live.pkl").read_bytes())  # the plant is live: unpickling it runs its code
+    assert proof.read_text() == "the planted pickle ran"
+    for name in (CHECKPOINT_STATE, CHECKPOINT_TENSORS):
+        (folder / name).unlink()
+    with pytest.raises(RunError, match="ppo_state.pt: a PPO checkpoint in the pickle format of an older tunesmith, "
+                                       "which is not loaded"):
+        train_run(recipe, resume=True, echo=lambda _: None)
+    assert not marker.exists()
+
     shutil.rmtree(tmp_path / "run" / "checkpoints")
     with pytest.raises(RunError, match="no PPO checkpoint to resume from"):
         train_run(recipe, resume=True, echo=lambda _: None)

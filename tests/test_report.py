@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,9 @@ def minimal_run(root: Path, train_rows=TRAIN_ROWS, eval_rows=EVAL_ROWS) -> Path:
                            "validation_after": 1.23456},
                 "timings": {"data_seconds": 1.0, "train_seconds": 95.25, "total_seconds": 130.0}}
     (root / "manifest.json").write_text(json.dumps(manifest))
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "tokenizer/tokenizer_config.json"):
+        (root / name).parent.mkdir(exist_ok=True)  # what a finished run saved (open_run checks it is there)
+        (root / name).write_text("{}")
     rows = [{"step": s, "epoch": s / 40, "loss": loss, "grad_norm": 0.5, "learning_rate": lr,
              "mean_token_accuracy": 0.8} for s, loss, lr in train_rows]
     rows += [{"step": s, "epoch": s / 40, "eval_loss": loss} for s, loss in eval_rows]
@@ -310,3 +314,72 @@ def test_review_section_shows_the_win_rate_when_the_review_app_is_present(run, m
     assert "75.0%" in review and "40.9%" in review and "92.9%" in review
     monkeypatch.setitem(sys.modules, "tunesmith.review_app", None)  # not installed: the section is skipped
     assert "<section id='review'>" not in render_report(run)
+
+
+HOSTILE = ["x'><img src=x onerror=alert(1)>", '"><svg onload=alert(2)>', "my data", "my-data"]  # eval folder names
+TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "h3", "nav", "a", "section", "table", "tr",
+        "th", "td", "p", "b", "pre", "span", "div", "svg", "line", "text", "polyline", "circle", "rect", "g",
+        "details", "summary", "ul", "li"}
+
+
+class Elements(HTMLParser):
+    """Every start tag of a page with its attributes, and the text of each <h2>."""
+
+    def __init__(self, page: str):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.h2: list[str] = []
+        self._in_h2 = False
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        self._in_h2 = tag == "h2"
+        if self._in_h2:
+            self.h2.append("")
+
+    def handle_endtag(self, tag):
+        self._in_h2 = self._in_h2 and tag != "h2"
+
+    def handle_data(self, data):
+        if self._in_h2:
+            self.h2[-1] += data
+
+
+def test_every_name_is_escaped_so_no_handler_or_tag_gets_in(run):
+    """Eval folders named after hostile data files, with hostile system, label and metric names inside: the page
+    has only its own tags, no on* attribute, and each name reads back as the text it was."""
+    evil = "<b onmouseover=alert(3)>'\""
+    results = classification_results()
+    results["systems"] = ["tuned", evil]
+    results["metrics"] = {"tuned": results["metrics"]["tuned"], evil: results["metrics"]["base"]}
+    results["metrics"]["tuned"]["confusion"]["labels"] = [evil, "pos"]
+    results["differences"][0]["versus"] = evil
+    results["differences"][1]["metric"] = evil
+    results["wins_losses"] = {evil: {"wins": 1, "losses": 2, "ties": 3}}
+    results["data"] = evil
+    results["regressions"] = evil
+    for name in HOSTILE:
+        folder = run / "eval" / name
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(results))
+        (folder / "examples.jsonl").write_text(json.dumps({"input": evil, "label": "neg", "tuned": {
+            "output": evil, "accuracy": 1.0}, evil: {"output": evil, "accuracy": 0.0}}) + "\n")
+    page = write_report(run).read_text(encoding="utf-8")
+
+    parsed = Elements(page)
+    assert {tag for tag, _ in parsed.tags} <= TAGS
+    handlers = [(tag, a) for tag, attrs in parsed.tags for a in attrs if a.lower().startswith("on")]
+    assert handlers == []
+    for raw in (*HOSTILE[:2], evil, "<img", "<svg onload", "<b onmouseover"):  # only their escaped forms appear
+        assert raw not in page
+    titles = [t for t in parsed.h2 if t.startswith("Evaluation: ")]
+    assert titles == [f"Evaluation: {n}" for n in sorted(["heldout", *HOSTILE])]
+    ids = [attrs["id"] for tag, attrs in parsed.tags if tag == "section"]
+    links = [attrs["href"] for tag, attrs in parsed.tags if tag == "a" and attrs["href"].startswith("#")]
+    assert links == [f"#{i}" for i in ids] and len(set(ids)) == len(ids)
+    assert [i for i in ids if i.startswith("eval-")] == [
+        "eval-svg-onload-alert-2", "eval-heldout", "eval-my-data", "eval-my-data-2", "eval-x-img-src-x-onerror-alert-1"]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+", i) for i in ids)
+    systems = [attrs["data-system"] for tag, attrs in parsed.tags if tag == "td" and "data-system" in attrs]
+    assert evil in systems  # an attribute value reads back as the name it was

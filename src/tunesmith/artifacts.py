@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -145,7 +146,7 @@ def machine() -> dict[str, Any]:
     """A short description of the hardware the run used."""
     import os
 
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "argv": sys.argv}
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "argv": mask_secrets(sys.argv)}
     try:
         import torch
 
@@ -153,6 +154,42 @@ def machine() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+SECRET_WORDS = {"token", "password", "passwd", "pwd", "passphrase", "secret", "secrets", "apikey", "auth",
+                "authorization", "credential", "credentials", "cookie"}
+NOT_SECRET_TOKENS = {"pad", "eos", "bos", "unk", "sep", "cls", "mask", "special", "start", "end", "stop"}  # x_token
+SECRET_SHAPES = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
+                           r"github_pat_\w{20,}|xox[abprs]-[\w-]{10,}|AKIA[0-9A-Z]{16})")
+NAME_VALUE = re.compile(r"(?P<name>[\w.-]+)(?P<sep>\s*=\s*|:\s+)(?P<value>(?:Bearer\s+|Basic\s+)?[^\s&;,]+)")
+
+
+def is_secret_name(name: str) -> bool:
+    """True for option, key or header names that hold secrets: `--token`, `--api-key`, `HF_TOKEN`, `model.key`,
+    `Authorization`, … (not `--max-new-tokens`, `--tokenizer` or `pad_token`)."""
+    words = [w for w in re.split(r"[-_.\s]+", name.lower()) if w]
+    if not words:
+        return False
+    if words[-1] == "token" and len(words) > 1 and words[-2] in NOT_SECRET_TOKENS:
+        return False
+    return bool(SECRET_WORDS & set(words)) or words[-1] == "key"
+
+
+def mask_secrets(argv: list[str]) -> list[str]:
+    """The command line with the values of secret-looking options, KEY=VALUE overrides, headers, URL passwords
+    and well-known token shapes replaced by `***`."""
+    out, mask_next = [], False
+    for arg in argv:
+        if mask_next and not arg.startswith("--"):
+            out.append("***")
+            mask_next = False
+            continue
+        mask_next = arg.startswith("-") and "=" not in arg and is_secret_name(arg)
+        text = NAME_VALUE.sub(lambda m: f"{m['name']}{m['sep']}***" if is_secret_name(m["name"]) else m[0], arg)
+        text = re.sub(r"(?i)\b(Bearer|Basic)\s+[^\s*][^\s]*", r"\1 ***", text)
+        text = re.sub(r"(\w+://[^/\s:@]+:)[^/\s@]+@", r"\1***@", text)  # https://user:PASSWORD@host
+        out.append(SECRET_SHAPES.sub("***", text))
+    return out
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -374,13 +374,14 @@ def cmd_review(args) -> int:
     import threading
 
     from tunesmith import review_app as ra
+    from tunesmith.artifacts import check_output, open_run
 
     db = ra.review_db_path(args.run_a, args.run_b)
     if args.results or args.export:  # read what is there; generate nothing
         if not db.exists():
             raise TunesmithError(f"{db}: no review yet", "start one with --data FILE")
         if args.export:
-            print(f"wrote {ra.export_csv(db, args.export)}")
+            print(f"wrote {ra.export_csv(db, check_output(args.export, '--export', [db]))}")
         print(ra.format_results(ra.review_results(db)))
         if args.reward_model:
             _quiet_libraries()
@@ -390,13 +391,17 @@ def cmd_review(args) -> int:
         raise TunesmithError("--data is required to start or continue a review",
                              "give the file whose prompts both systems answer, e.g. --data heldout.jsonl")
     _quiet_libraries()
-    db = ra.prepare_review(args.run_a, args.run_b, args.data, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                           seed=args.seed)
-    server = ra.serve_review(db, host=args.host, port=args.port, reviewer=args.reviewer)
-    print(f"review at {server.url} — keys 1 / 2 / t; Ctrl+C stops (every vote is saved as you go)")
+    open_run(args.run_a)
+    server = ra.ReviewServer((args.host, args.port), db, args.reviewer)  # a port in use fails before generating
     try:
+        ra.prepare_review(args.run_a, args.run_b, args.data, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                          seed=args.seed, db_path=db)
+        server.start()
+        print(f"review at {server.url} — keys 1 / 2 / t; Ctrl+C stops (every vote is saved as you go)")
         threading.Event().wait()
     except KeyboardInterrupt:
+        pass
+    finally:
         server.stop()
     print(ra.format_results(ra.review_results(db)))
     return 0

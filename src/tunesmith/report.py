@@ -9,9 +9,11 @@ inline CSS and inline SVG charts only: no scripts, no fonts, nothing fetched, so
 
 from __future__ import annotations
 
+import html
 import importlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 from tunesmith.artifacts import RunDir, open_run, read_metrics
 from tunesmith.data.check import histogram
 from tunesmith.data.check_view import CSS as CHECK_CSS
-from tunesmith.data.check_view import MARK, _e, _table
+from tunesmith.data.check_view import MARK, _table
 from tunesmith.errors import RunError
 from tunesmith.evaluation.view import PERCENT, fmt, fmt_diff
 from tunesmith.train import kept_text
@@ -53,16 +55,17 @@ def render_report(run_path: str | Path) -> str:
     sections = [("summary", "Summary", _header(run, manifest, recipe)),
                 ("curves", "Training curves", _curves(read_metrics(run.metrics)))]
     for folder in sorted(p.parent for p in (run.root / "eval").glob("*/results.json")):
-        sections.append((f"eval-{folder.name}", f"Evaluation: {folder.name}", _evaluation(folder)))
+        sections.append((_anchor(folder.name, {key for key, _, _ in sections}), f"Evaluation: {folder.name}",
+                         _evaluation(folder)))
     sections.append(("review", "Human review", _review(run.root)))
     sections.append(("data-check", "Data check", _data_check(run.root)))
     sections.append(("recipe", "Recipe and manifest", _recipe_manifest(run, manifest)))
     shown = [(key, title, body) for key, title, body in sections if body]
-    nav = "".join(f"<a href='#{key}'>{_e(title)}</a>" for key, title, _ in shown)
-    body = "".join(f"<section id='{key}'><h2>{_e(title)}</h2>{html}</section>" for key, title, html in shown)
+    nav = "".join(f"<a href='#{_attr(key)}'>{_text(title)}</a>" for key, title, _ in shown)
+    body = "".join(f"<section id='{_attr(key)}'><h2>{_text(title)}</h2>{part}</section>" for key, title, part in shown)
     title = f"tunesmith run report: {run.root.name}"
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{CSS}</style>"
-            f"</head><body><h1>{_e(title)}</h1><nav>{nav}</nav>{body}</body></html>\n")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{_text(title)}</title><style>{CSS}</style>"
+            f"</head><body><h1>{_text(title)}</h1><nav>{nav}</nav>{body}</body></html>\n")
 
 
 # ----------------------------------------------------------------------------------------------- header
@@ -90,7 +93,7 @@ def _header(run: RunDir, manifest: dict[str, Any], recipe: dict[str, Any] | None
         ("train loss", _before_after(losses, "train")),
         ("validation loss", _before_after(losses, "validation")),
     ]
-    return "<table class='kv'>" + "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows
+    return "<table class='kv'>" + "".join(f"<tr><th>{_text(k)}</th><td>{_text(v)}</td></tr>" for k, v in rows
                                           if v not in (None, "")) + "</table>"
 
 
@@ -154,8 +157,9 @@ def line_chart(series: list[Series], x_label: str, y_label: str) -> str:
     x_scale = Scale(*_domain(xs), c["left"], c["width"] - c["right"])
     y_scale = Scale(*_domain(ys), c["height"] - c["bottom"], c["top"])
     out = [f"<svg width='{c['width']}' height='{c['height']}' "
-           f"data-chart='{_e(y_label)}' data-x-domain='{x_scale.lo!r} {x_scale.hi!r}' "
-           f"data-y-domain='{y_scale.lo!r} {y_scale.hi!r}' role='img'><title>{_e(y_label)} by {_e(x_label)}</title>"]
+           f"data-chart='{_attr(y_label)}' data-x-domain='{x_scale.lo!r} {x_scale.hi!r}' "
+           f"data-y-domain='{y_scale.lo!r} {y_scale.hi!r}' role='img'>"
+           f"<title>{_text(y_label)} by {_text(x_label)}</title>"]
     bottom, top, left, right = y_scale.a, y_scale.b, x_scale.a, x_scale.b
     for t, text in tick_labels(nice_ticks(y_scale.lo, y_scale.hi)):
         y = y_scale(t)
@@ -167,21 +171,21 @@ def line_chart(series: list[Series], x_label: str, y_label: str) -> str:
                    f"<text x='{x:.1f}' y='{bottom + 17}' text-anchor='middle'>{text}</text>")
     out.append(f"<line class='axis' x1='{left}' x2='{right}' y1='{bottom}' y2='{bottom}'/>"
                f"<line class='axis' x1='{left}' x2='{left}' y1='{top}' y2='{bottom}'/>"
-               f"<text x='{(left + right) / 2:.1f}' y='{c['height'] - 6}' text-anchor='middle'>{_e(x_label)}</text>"
+               f"<text x='{(left + right) / 2:.1f}' y='{c['height'] - 6}' text-anchor='middle'>{_text(x_label)}</text>"
                f"<text transform='translate(12 {(top + bottom) / 2:.1f}) rotate(-90)' text-anchor='middle'>"
-               f"{_e(y_label)}</text>")
+               f"{_text(y_label)}</text>")
     for i, s in enumerate(series):
         coords = " ".join(f"{x_scale(x):.1f},{y_scale(y):.1f}" for x, y in s.points)
         dash = " stroke-dasharray='5 3'" if s.dashed else ""
-        out.append(f"<polyline data-series='{_e(s.key)}' fill='none' stroke='{s.color}' stroke-width='1.6'{dash} "
+        out.append(f"<polyline data-series='{_attr(s.key)}' fill='none' stroke='{s.color}' stroke-width='1.6'{dash} "
                    f"points='{coords}'/>")
         if len(s.points) <= 80:
             out.extend(f"<circle cx='{x_scale(x):.1f}' cy='{y_scale(y):.1f}' r='2.5' fill='{s.color}'>"
-                       f"<title>{_e(s.label)} at {_e(x_label)} {_tick(x)}: {_sig(y)}</title></circle>"
+                       f"<title>{_text(s.label)} at {_text(x_label)} {_tick(x)}: {_sig(y)}</title></circle>"
                        for x, y in s.points)
         if len(series) > 1:
             out.append(f"<text x='{right - 4}' y='{top + 12 + 14 * i}' text-anchor='end' fill='{s.color}'>"
-                       f"{'- - ' if s.dashed else '— '}{_e(s.label)}</text>")
+                       f"{'- - ' if s.dashed else '— '}{_text(s.label)}</text>")
     return "".join(out) + "</svg>"
 
 
@@ -236,9 +240,10 @@ def _evaluation(folder: Path) -> str:
     examples = _read_jsonl(folder / "examples.jsonl")
     systems = list(results.get("systems") or results.get("metrics", {}))
     metrics = results.get("metrics") or {}
-    out = [f"<p>{_e(results.get('rows', '?'))} rows of {_e(results.get('data', '?'))} · task "
-           f"{_e(results.get('task', '?'))} · primary metric {_e(results.get('primary_metric', '?'))}"
-           + (f" · {results['regressions']} rows where tuned scores below base" if "regressions" in results else "")
+    out = [f"<p>{_text(results.get('rows', '?'))} rows of {_text(results.get('data', '?'))} · task "
+           f"{_text(results.get('task', '?'))} · primary metric {_text(results.get('primary_metric', '?'))}"
+           + (f" · {_text(results['regressions'])} rows where tuned scores below base"
+              if "regressions" in results else "")
            + "</p>", _metric_table(systems, metrics)]
     if results.get("differences"):
         out.append("<h3>Differences (paired bootstrap, 95% interval)</h3>" + _difference_charts(results["differences"]))
@@ -270,7 +275,7 @@ def _alignment(a: dict[str, Any]) -> str:
     kl = a.get("kl_to_base")
     note = (f"<p>KL to the base model on the tuned answers: {kl['kl_per_answer']:.3f} nats per answer "
             f"({kl['kl_per_token']:.4f} per token).</p>" if kl else "")
-    return (f"<p class='muted'>scored by {_e(a['reward_model'])}; a reward that rises with the answer length alone "
+    return (f"<p class='muted'>scored by {_text(a['reward_model'])}; a reward that rises with the answer length alone "
             "is the reward model being gamed</p>"
             + _table(["system", "mean reward", "95% interval", "answer tokens", "tuned wins against it"], rows)
             + note)
@@ -308,18 +313,18 @@ def _difference_chart(metric: str, items: list[dict[str, Any]]) -> str:
     zero = scale(0)
     height = row_h * len(items) + 22
     better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
-    out = [f"<svg width='{width}' height='{height}' data-metric='{_e(metric)}'>"
-           f"<title>{_e(metric)} differences ({better})</title>",
+    out = [f"<svg width='{width}' height='{height}' data-metric='{_attr(metric)}'>"
+           f"<title>{_text(metric)} differences ({better})</title>",
            f"<line class='axis' x1='{zero:.1f}' x2='{zero:.1f}' y1='0' y2='{height - 18}'/>",
-           f"<text x='{x0}' y='{height - 4}'>{_e(fmt_diff(metric, -reach))}</text><text x='{zero:.1f}' "
+           f"<text x='{x0}' y='{height - 4}'>{_text(fmt_diff(metric, -reach))}</text><text x='{zero:.1f}' "
            f"y='{height - 4}' text-anchor='middle'>0</text><text x='{x1}' y='{height - 4}' text-anchor='end'>"
-           f"{_e(fmt_diff(metric, reach))}</text>"]
+           f"{_text(fmt_diff(metric, reach))}</text>"]
     for i, d in enumerate(items):
         y = row_h * i + row_h / 2
         diff, low, high = d.get("diff"), d.get("ci_low"), d.get("ci_high")
         name = f"{d.get('system', 'tuned')} − {d.get('versus', '?')}"
-        out.append(f"<g data-diff='{_e(d.get('system', 'tuned'))}-vs-{_e(d.get('versus', '?'))}'>"
-                   f"<text x='{x0 - 8}' y='{y + 4:.1f}' text-anchor='end'>{_e(name)} · {_e(metric)}</text>")
+        out.append(f"<g data-diff='{_attr(d.get('system', 'tuned'))}-vs-{_attr(d.get('versus', '?'))}'>"
+                   f"<text x='{x0 - 8}' y='{y + 4:.1f}' text-anchor='end'>{_text(name)} · {_text(metric)}</text>")
         if _finite(diff) and _finite(low) and _finite(high):
             color = _verdict_color(metric, low, high)
             left, right = sorted((zero, scale(diff)))
@@ -329,7 +334,7 @@ def _difference_chart(metric: str, items: list[dict[str, Any]]) -> str:
                        + "".join(f"<line stroke='{color}' stroke-width='2' x1='{scale(v):.1f}' x2='{scale(v):.1f}' "
                                  f"y1='{y - 6:.1f}' y2='{y + 6:.1f}'/>" for v in (low, high))
                        + f"<circle cx='{scale(diff):.1f}' cy='{y:.1f}' r='4' fill='{color}'/>")
-        out.append(f"<text x='{x1 + 8}' y='{y + 4:.1f}'>{_e(_difference_text(metric, d))}</text></g>")
+        out.append(f"<text x='{x1 + 8}' y='{y + 4:.1f}'>{_text(_difference_text(metric, d))}</text></g>")
     return "".join(out) + "</svg>"
 
 
@@ -364,8 +369,8 @@ def _wins_losses(results: dict[str, Any]) -> str:
             bar = ("<svg width='240' height='14'>" + "".join(
                 f"<rect x='{x:.1f}' y='0' width='{w:.1f}' height='14' fill='{c}'/>"
                 for x, w, c in zip(starts, widths, (COLORS[2], "#ccc", COLORS[4])) if w) + "</svg>")
-        rows.append([_e(other), wins, ties, losses, bar])
-    return (f"<p class='muted'>on {_e(results.get('primary_metric', 'the primary metric'))}, example by example</p>"
+        rows.append([_text(other), wins, ties, losses, bar])
+    return (f"<p class='muted'>on {_text(results.get('primary_metric', 'the primary metric'))}, example by example</p>"
             + _table(["tuned vs", "wins", "ties", "losses", ""], rows, raw=True))
 
 
@@ -373,7 +378,7 @@ def _confusion(system: str, confusion: dict[str, Any]) -> str:
     labels, matrix = confusion.get("labels") or [], confusion.get("matrix") or []
     columns = confusion.get("columns") or labels
     top = max((n for row in matrix for n in row), default=0) or 1
-    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    head = "".join(f"<th>{_text(c)}</th>" for c in columns)
     body = []
     for gold, row in zip(labels, matrix):
         cells = []
@@ -382,23 +387,23 @@ def _confusion(system: str, confusion: dict[str, Any]) -> str:
             ink = "#fff" if shade > 0.6 else "#222"
             diag = " diag" if pred == gold else ""
             cells.append(f"<td class='cm{diag}' style='background:rgba(74,120,194,{shade:.2f});color:{ink}' "
-                         f"title='gold {_e(gold)}, predicted {_e(pred)}'>{n}</td>")
-        body.append(f"<tr><th>{_e(gold)}</th>{''.join(cells)}</tr>")
-    return (f"<div><p><b>{_e(system)}</b></p><table data-confusion='{_e(system)}'><tr><th>gold \\ predicted</th>"
+                         f"title='gold {_attr(gold)}, predicted {_attr(pred)}'>{_text(n)}</td>")
+        body.append(f"<tr><th>{_text(gold)}</th>{''.join(cells)}</tr>")
+    return (f"<div><p><b>{_text(system)}</b></p><table data-confusion='{_attr(system)}'><tr><th>gold \\ predicted</th>"
             f"{head}</tr>{''.join(body)}</table></div>")
 
 
 def _per_class(systems: list[str], metrics: dict[str, dict[str, Any]]) -> str:
     labels = list(metrics[systems[0]]["per_class"])
     head = "<tr><th rowspan='2'>label</th><th rowspan='2'>support</th>" + "".join(
-        f"<th colspan='3'>{_e(s)}</th>" for s in systems) + "</tr><tr>" + "<th>precision</th><th>recall</th>" \
+        f"<th colspan='3'>{_text(s)}</th>" for s in systems) + "</tr><tr>" + "<th>precision</th><th>recall</th>" \
         "<th>F1</th>" * len(systems) + "</tr>"
     rows = []
     for label in labels:
         first = metrics[systems[0]]["per_class"][label]
-        cells = "".join(f"<td class='num'>{_e(_metric(k, (metrics[s]['per_class'].get(label) or {}).get(k)))}</td>"
+        cells = "".join(f"<td class='num'>{_text(_metric(k, (metrics[s]['per_class'].get(label) or {}).get(k)))}</td>"
                         for s in systems for k in ("precision", "recall", "f1"))
-        rows.append(f"<tr><th>{_e(label)}</th><td class='num'>{_e(first.get('support', ''))}</td>{cells}</tr>")
+        rows.append(f"<tr><th>{_text(label)}</th><td class='num'>{_text(first.get('support', ''))}</td>{cells}</tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 
@@ -422,14 +427,15 @@ def _length_chart(systems: list[str], examples: list[dict[str, Any]]) -> str:
            f"<text x='{left - 6}' y='24' text-anchor='end'>{top}</text>"]
     for i, b in enumerate(buckets):
         out.append(f"<text x='{left + group * (i + 0.5):.1f}' y='{bottom + 14}' text-anchor='middle'>"
-                   f"{_e(b['bucket'])}</text>")
+                   f"{_text(b['bucket'])}</text>")
         for j, (name, c) in enumerate(counts.items()):
             h = 150 * c[i] / top
-            out.append(f"<rect data-lengths='{_e(name)}' x='{left + group * (i + 0.1) + bar * j:.1f}' "
+            out.append(f"<rect data-lengths='{_attr(name)}' x='{left + group * (i + 0.1) + bar * j:.1f}' "
                        f"y='{bottom - h:.1f}' width='{bar:.1f}' height='{h:.1f}' fill='{COLORS[j % len(COLORS)]}'>"
-                       f"<title>{_e(name)}: {c[i]} answers of {_e(b['bucket'])} words</title></rect>")
+                       f"<title>{_text(name)}: {c[i]} answers of {_text(b['bucket'])} words</title></rect>")
     for j, name in enumerate(counts):
-        out.append(f"<text x='{left}' y='{height + 14 * j + 6}' fill='{COLORS[j % len(COLORS)]}'>■ {_e(name)}</text>")
+        out.append(f"<text x='{left}' y='{height + 14 * j + 6}' fill='{COLORS[j % len(COLORS)]}'>"
+                   f"■ {_text(name)}</text>")
     return "".join(out) + "</svg>"
 
 
@@ -451,7 +457,7 @@ def _best_worst(results: dict[str, Any], systems: list[str], examples: list[dict
     n_best = min(5, (len(scored) + 1) // 2)
     best = sorted(scored, key=key, reverse=True)[:n_best]
     worst = [e for e in sorted(scored, key=key) if not any(e is b for b in best)][:min(5, len(scored) - n_best)]
-    return "".join(f"<h3>{title} examples (tuned, by {_e(primary)})</h3>"
+    return "".join(f"<h3>{title} examples (tuned, by {_text(primary)})</h3>"
                    + _example_table(rows, systems, primary) for title, rows in (("Best", best), ("Worst", worst))
                    if rows)
 
@@ -459,12 +465,12 @@ def _best_worst(results: dict[str, Any], systems: list[str], examples: list[dict
 def _example_table(rows: list[dict[str, Any]], systems: list[str], primary: str) -> str:
     body = []
     for e in rows:
-        answers = "".join(f"<td data-system='{_e(s)}'><pre>{_e((e.get(s) or {}).get('output', ''))}</pre>"
-                          f"<span class='muted'>{_e(_metric(primary, (e.get(s) or {}).get(primary)))}</span></td>"
+        answers = "".join(f"<td data-system='{_attr(s)}'><pre>{_text((e.get(s) or {}).get('output', ''))}</pre>"
+                          f"<span class='muted'>{_text(_metric(primary, (e.get(s) or {}).get(primary)))}</span></td>"
                           for s in systems)
-        body.append(f"<tr class='example'><td><pre>{_e(e.get('input', ''))}</pre></td>"
-                    f"<td><pre>{_e(_first_reference(e))}</pre></td>{answers}</tr>")
-    head = "".join(f"<th>{_e(h)}</th>" for h in ("input", "reference", *systems))
+        body.append(f"<tr class='example'><td><pre>{_text(e.get('input', ''))}</pre></td>"
+                    f"<td><pre>{_text(_first_reference(e))}</pre></td>{answers}</tr>")
+    head = "".join(f"<th>{_text(h)}</th>" for h in ("input", "reference", *systems))
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
@@ -478,8 +484,8 @@ def _leakage(results: dict[str, Any]) -> str:
     rows = [[f"{x.get('file', '?')}:{x.get('line', '?')}", f"{x.get('train_file', '?')}:{x.get('train_line', '?')}",
              x.get("similarity", ""), "exact" if x.get("exact") else "near"] for x in listed]
     more = f" (the first {len(listed)} listed)" if len(listed) < count else ""
-    return (f"<h3>Leakage exclusions</h3><p class='warning'>{count} evaluation rows match training rows and were "
-            f"left out of every score{more}.</p>"
+    return (f"<h3>Leakage exclusions</h3><p class='warning'>{_text(count)} evaluation rows match training rows "
+            f"and were left out of every score{more}.</p>"
             + (_table(["evaluation row", "training row", "similarity", "match"], rows) if rows else ""))
 
 
@@ -499,7 +505,7 @@ def _forgetting(f: dict[str, Any]) -> str:
                    "threshold allows. Check it on tasks beyond this one before you ship it.</p>")
     else:
         verdict = "<p class='ok'>✓ No forgetting above the threshold.</p>"
-    return verdict + f"<p>{_e(line)}</p>" + table
+    return verdict + f"<p>{_text(line)}</p>" + table
 
 
 # ----------------------------------------------------------------------------------------------- review, data check
@@ -522,20 +528,40 @@ def _data_check(root: Path) -> str:
     if not path.exists():
         return ""
     problems = _read_json(path).get("problems") or []
-    items = "".join(f"<li class='{_e(p.get('severity', ''))}'>{MARK.get(p.get('severity'), '·')} "
-                    f"{_e(p.get('check', ''))}: {_e(p.get('message', ''))}</li>" for p in problems)
+    items = "".join(f"<li class='{_attr(p.get('severity', ''))}'>{MARK.get(p.get('severity'), '·')} "
+                    f"{_text(p.get('check', ''))}: {_text(p.get('message', ''))}</li>" for p in problems)
     found = f"<ul>{items}</ul>" if items else "<p class='ok'>✓ No findings.</p>"
     link = " <a href='data_check.html'>the full data check</a>" if (root / "data_check.html").exists() else ""
     return f"<p>The check run before training found {len(problems)} finding(s).{link}</p>{found}"
 
 
 def _recipe_manifest(run: RunDir, manifest: dict[str, Any]) -> str:
-    recipe = f"<h3>recipe.yaml</h3><pre>{_e(run.recipe.read_text())}</pre>" if run.recipe.exists() else ""
+    recipe = f"<h3>recipe.yaml</h3><pre>{_text(run.recipe.read_text())}</pre>" if run.recipe.exists() else ""
     return (recipe + "<details><summary>manifest.json</summary><pre>"
-            f"{_e(json.dumps(manifest, indent=2, ensure_ascii=False))}</pre></details>")
+            f"{_text(json.dumps(manifest, indent=2, ensure_ascii=False))}</pre></details>")
 
 
 # ----------------------------------------------------------------------------------------------- small helpers
+
+
+def _text(value: Any) -> str:
+    """`value` as HTML text between tags: & < > escaped (and quotes, harmlessly)."""
+    return html.escape(str(value), quote=True)
+
+
+def _attr(value: Any) -> str:
+    """`value` inside a quoted attribute (`x='…'` or `x="…"`): & < > ' " escaped, and no raw newline or tab."""
+    return html.escape(str(value), quote=True).replace("\n", "&#10;").replace("\r", "&#13;").replace("\t", "&#9;")
+
+
+def _anchor(name: str, taken: set[str]) -> str:
+    """A section id for an eval folder: `eval-NAME` with anything but letters, digits, `_ . -` as `-`, made unique."""
+    base = "eval-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "unnamed")
+    key, n = base, 1
+    while key in taken:
+        n += 1
+        key = f"{base}-{n}"
+    return key
 
 
 def _read_json(path: Path) -> dict[str, Any]:

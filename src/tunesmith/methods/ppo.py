@@ -477,7 +477,9 @@ def train(job) -> TrainOutcome:
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 
-CHECKPOINT_STATE = "ppo_state.pt"
+CHECKPOINT_TENSORS = "ppo_state.safetensors"  # every tensor of the state: weights, optimizer moments, random states
+CHECKPOINT_STATE = "ppo_state.json"  # everything else, with {"__tensor__": key} where a tensor was; written last
+LEGACY_STATE = "ppo_state.pt"  # the pickle older versions wrote: never loaded (unpickling can run code)
 
 
 @dataclass
@@ -492,27 +494,25 @@ class Progress:
 
 
 def save_checkpoint(job, policy: Policy, optimizer, scheduler, kl: AdaptiveKL, generator, loop: Progress) -> Path:
-    """`checkpoints/checkpoint-STEP/ppo_state.pt`: trainable weights, value head, optimizer, schedule, KL
-    coefficient, random states and loop position; written to a temporary folder first, then renamed; only the
-    newest `train.save_total_limit` are kept."""
+    """`checkpoints/checkpoint-STEP/`: trainable weights, value head, optimizer, schedule, KL coefficient, random
+    states and loop position, as safetensors and JSON (no pickle); built in a temporary folder, then renamed; only
+    the newest `train.save_total_limit` are kept."""
     import shutil
 
     import torch
 
-    folder = job.run.checkpoints / f"checkpoint-{loop.step}"
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    state = {"trainable": {n: p.detach().cpu() for n, p in policy.model.named_parameters() if p.requires_grad},
+    from tunesmith.artifacts import staged_dir
+
+    state = {"trainable": {n: p.detach() for n, p in policy.model.named_parameters() if p.requires_grad},
              "value_head": policy.value_head.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "kl_coef": kl.value, "generator": generator.get_state(),
              "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
              "progress": vars(loop)}
-    torch.save(state, partial / CHECKPOINT_STATE)
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
-    found = sorted(job.run.checkpoints.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[-1]))
+    folder = job.run.checkpoints / f"checkpoint-{loop.step}"
+    with staged_dir(folder, replace=True) as staging:
+        write_state(staging, state)
+    found = sorted(_checkpoints(job.run.checkpoints), key=_step_of)
     for old in found[:-job.recipe.train.save_total_limit]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
@@ -525,15 +525,15 @@ def resume(job, policy: Policy, optimizer, scheduler, kl: AdaptiveKL, generator)
     from tunesmith.artifacts import truncate_metrics
     from tunesmith.errors import RunError
 
-    folder = job.run.last_checkpoint()
-    if folder is None or not (folder / CHECKPOINT_STATE).exists():
+    found = sorted(_checkpoints(job.run.checkpoints), key=_step_of)
+    if not found:
         raise RunError(f"{job.run.checkpoints}: no PPO checkpoint to resume from",
                        "checkpoints are written every `train.save_every` steps; run without --resume")
-    state = torch.load(folder / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
+    state = read_state(found[-1])
     params = dict(policy.model.named_parameters())
     missing = [n for n in state["trainable"] if n not in params]
     if missing:
-        raise RunError(f"{folder}: the checkpoint has weights this model lacks ({missing[0]}, …)",
+        raise RunError(f"{found[-1]}: the checkpoint has weights this model lacks ({missing[0]}, …)",
                        "resume with the recipe the run started with")
     with torch.no_grad():
         for name, value in state["trainable"].items():
@@ -549,6 +549,99 @@ def resume(job, policy: Policy, optimizer, scheduler, kl: AdaptiveKL, generator)
     loop = Progress(**state["progress"])
     truncate_metrics(job.run.metrics, loop.step)
     return loop
+
+
+def write_state(folder: Path, state: dict[str, Any]) -> None:
+    """Write a nested state (dicts, lists, tuples, numbers, text, None, tensors) as CHECKPOINT_TENSORS + the JSON
+    CHECKPOINT_STATE: tensors exactly (dtype, shape, bits), floats as their shortest exact decimal."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from tunesmith.artifacts import atomic_path, atomic_write
+
+    tensors: dict[str, Any] = {}
+    plain = _to_plain(state, "", tensors)
+    with atomic_path(folder / CHECKPOINT_TENSORS) as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write(folder / CHECKPOINT_STATE, json.dumps({"format": 1, "state": plain}, allow_nan=True))
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """The state `write_state` wrote, without unpickling anything; a RunError naming the file when it is missing,
+    damaged, or only the pickle of an older version is there."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from tunesmith.errors import RunError
+
+    if not (folder / CHECKPOINT_STATE).is_file() and (folder / LEGACY_STATE).is_file():
+        raise RunError(f"{folder / LEGACY_STATE}: a PPO checkpoint in the pickle format of an older tunesmith, "
+                       "which is not loaded (unpickling a file can run code)",
+                       "train again without --resume, or resume with the tunesmith version that wrote it")
+    try:
+        meta = json.loads((folder / CHECKPOINT_STATE).read_text(encoding="utf-8"))
+        tensors = load_file(str(folder / CHECKPOINT_TENSORS))
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise RunError(f"{folder}: the PPO checkpoint can't be read ({str(exc).splitlines()[0]})",
+                       "remove that checkpoint folder to resume from an earlier one, or train without --resume"
+                       ) from None
+    if not isinstance(meta, dict) or meta.get("format") != 1 or not isinstance(meta.get("state"), dict):
+        raise RunError(f"{folder / CHECKPOINT_STATE}: not a PPO checkpoint state this version reads",
+                       "train again without --resume")
+    try:
+        return _from_plain(meta["state"], tensors)
+    except KeyError as exc:
+        raise RunError(f"{folder / CHECKPOINT_TENSORS}: the tensor {exc} is missing",
+                       "remove that checkpoint folder to resume from an earlier one, or train without --resume"
+                       ) from None
+
+
+def _to_plain(value: Any, key: str, tensors: dict[str, Any]) -> Any:
+    """JSON-ready `value`: tensors moved into `tensors` (by their path of keys), tuples and non-text dict keys
+    marked so that _from_plain gives back the same types."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        if key in tensors:
+            raise ValueError(f"two tensors of the checkpoint would be stored as {key}")
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: _to_plain(v, f"{key}.{k}", tensors) for k, v in value.items()}
+        return {"__items__": [[k, _to_plain(v, f"{key}.{k}", tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        items = [_to_plain(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
+        return {"__tuple__": items} if isinstance(value, tuple) else items
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"a checkpoint can't store {type(value).__name__} (at {key or 'the top'})")
+
+
+def _from_plain(value: Any, tensors: dict[str, Any]) -> Any:
+    if isinstance(value, list):
+        return [_from_plain(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {"__tensor__"}:
+        return tensors[value["__tensor__"]]
+    if set(value) == {"__tuple__"}:
+        return tuple(_from_plain(v, tensors) for v in value["__tuple__"])
+    if set(value) == {"__items__"}:
+        return {k: _from_plain(v, tensors) for k, v in value["__items__"]}
+    return {k: _from_plain(v, tensors) for k, v in value.items()}
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    """The checkpoint-N folders (a staging folder, hidden, is never one)."""
+    return [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[-1])
 
 
 def _tensorboard(folder: Path):
