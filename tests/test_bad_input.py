@@ -228,6 +228,9 @@ CLI_CASES: list[Case] = [
                                                str(made(t, folders=("aug",)) / "aug")], ("--out", "aug: is a folder")),
     Case("predict-out-is-the-data", lambda t: ["predict", "run", "--data", labelled(t), "--out", "train.jsonl"],
          ("--out train.jsonl: the output would be",)),
+    Case("review-export-is-a-folder", lambda t: ["review", str(made(t, "run/review/base.sqlite") / "run"), "base",
+                                                 "--export", str(made(t, folders=("votes",)) / "votes")],
+         ("--export", "votes: is a folder")),
     export_case("export-out-is-the-run", lambda t: str(t / "run"), ("--out", "would replace the run"),
                 "--overwrite"),
     Case("export-out-holds-the-run", lambda t: ["export", placeholder_run(t, "runs/r"), "--merge", "--out",
@@ -256,14 +259,235 @@ CLI_CASES: list[Case] = [
 
 # ----------------------------------------------------------------------------------------------- data files
 
-DATA_CASES: list[Case] = []
+BIG = "word " * 30_000  # 150,000 characters: over Python's default CSV field limit (131,072)
+DEEP = '{"text": ' + "[" * 100_000 + "]" * 100_000 + ', "label": "pos"}'
+
+
+def data_file(tmp: Path, name: str, lines: list[str | bytes]) -> str:
+    """`lines` (text or raw bytes), one per line, written to tmp/name; its name."""
+    (tmp / name).write_bytes(b"".join((x if isinstance(x, bytes) else x.encode("utf-8")) + b"\n" for x in lines))
+    return name
+
+
+def labelled_csv(tmp: Path, name: str, line: int | None = None, cell: str | bytes = "") -> str:
+    """LABELLED as CSV (header on line 1, row i on line i + 2); with `line`, that line's text cell is `cell`."""
+    rows: list[str | bytes] = ["text,label"] + [f"{r['text']},{r['label']}" for r in LABELLED]
+    if line is not None:
+        rows[line - 1] = cell + (b",pos" if isinstance(cell, bytes) else ",pos")
+    return data_file(tmp, name, rows)
+
+
+def labelled_jsonl(tmp: Path, name: str, line: int | None = None, raw: str | bytes = "") -> str:
+    """LABELLED as JSONL; with `line`, that line is `raw` instead."""
+    rows: list[str | bytes] = [json.dumps(r) for r in LABELLED]
+    if line is not None:
+        rows[line - 1] = raw
+    return data_file(tmp, name, rows)
+
+
+def typed_parquet(tmp: Path, name: str = "typed.parquet") -> str:
+    """LABELLED plus timestamp (with time zone), date, decimal and binary columns, as Parquet."""
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(LABELLED)
+    pq.write_table(pa.table({
+        "text": [r["text"] for r in LABELLED], "label": [r["label"] for r in LABELLED],
+        "at": pa.array([datetime.datetime(2024, 5, 1, 9, 30, i, 250 * i, tzinfo=datetime.timezone.utc)
+                        for i in range(n)], pa.timestamp("us", tz="UTC")),
+        "day": pa.array([datetime.date(2024, 5, 1 + i) for i in range(n)], pa.date32()),
+        "price": pa.array([decimal.Decimal(i) / 4 for i in range(n)], pa.decimal128(8, 2)),
+        "blob": pa.array([bytes([i, 255 - i]) for i in range(n)], pa.binary()),
+    }), tmp / name)
+    return name
+
+
+def review_file(tmp: Path, second: str | bytes) -> str:
+    """A review file (as `data synth` writes) whose line 2 is `second`."""
+    row = {"text": "a fine row", "label": "pos", "_review": {"status": "pending", "reviewed": False,
+                                                             "kind": "classification", "checks": []}}
+    return data_file(tmp, "review.jsonl", [json.dumps(row), second])
+
+
+def on_recipe(command: str, build_data: Callable[[Path], str]) -> Callable[[Path], list[str]]:
+    """`tunesmith COMMAND r.yaml` on a recipe whose data.train is the file `build_data` writes."""
+    def build(tmp: Path) -> list[str]:
+        (tmp / "r.yaml").write_text(f"data:\n  train: {build_data(tmp)}\n", encoding="utf-8")
+        return [*command.split(), "r.yaml"]
+    return build
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def rejects_are(path: str, expected: list[tuple[int, str]]) -> Callable[[Path], None]:
+    """An `extra` check: the rejects file at tmp/path holds exactly these (line, reason) pairs."""
+    def check(tmp: Path) -> None:
+        assert [(r["line"], r["reason"]) for r in read_json_lines(tmp / path)] == expected
+    return check
+
+
+def report_rows(read: int, used: int, rejected: int) -> Callable[[Path], None]:
+    """An `extra` check: data check's report (in tmp/c) counts these rows, and every row is accounted for."""
+    def check(tmp: Path) -> None:
+        rows = json.loads((tmp / "c" / "report.json").read_text())["rows"]
+        assert (rows["read"], rows["used"], rows["rejected"]) == (read, used, rejected) and read == used + rejected
+    return check
+
+
+def split_total(folder: Path, rows: int) -> None:
+    """Every row landed in exactly one part (rejects.jsonl aside)."""
+    assert sum(len(read_json_lines(p)) for p in folder.iterdir() if p.name != "rejects.jsonl") == rows
+
+
+def clean_kept_big_cell(tmp: Path) -> None:
+    rows = read_json_lines(tmp / "clean.jsonl")
+    assert len(rows) == 24 and rows[11] == {"text": BIG.strip(), "label": "pos"}
+    assert json.loads((tmp / "clean.summary.json").read_text())["read"] == 24
+
+
+def parquet_round_trip(tmp: Path, written: list[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    original = pq.read_table(tmp / "typed.parquet")
+    back = pa.concat_tables([pq.read_table(tmp / name) for name in written]).sort_by("price")
+    assert back.schema == original.schema and back.equals(original.sort_by("price"))
+
+
+def parquet_as_iso_jsonl(tmp: Path) -> None:
+    first = read_json_lines(tmp / "clean.jsonl")[1]
+    assert first == {"text": LABELLED[1]["text"], "label": "pos", "at": "2024-05-01T09:30:01.000250+00:00",
+                     "day": "2024-05-02", "price": "0.25", "blob": "Af4="}
+
+
+NESTED = "nested too deeply: 100001 levels of arrays/objects, more than 100"
+NOT_UTF8 = ("not UTF-8", "re-encode the file as UTF-8", "iconv")
+MALFORMED_4_OF_24 = ['{"text": "cut off', "not json", '{"text": 7, "label": "pos"}', "[1]"]
+
+DATA_CASES: list[Case] = [
+    # a CSV cell over 128 KiB is read whole, and every row is counted
+    Case("data-check-csv-cell-over-128k", lambda t: ["data", "check", labelled_csv(t, "big.csv", 13, BIG),
+                                                     "--no-tokens", "--out", "c"],
+         code=0, extra=report_rows(24, 24, 0)),
+    Case("data-clean-csv-cell-over-128k", lambda t: ["data", "clean", labelled_csv(t, "big.csv", 13, BIG),
+                                                     "--out", "clean.jsonl"], code=0, extra=clean_kept_big_cell),
+    Case("data-split-csv-cell-over-128k", lambda t: ["data", "split", labelled_csv(t, "big.csv", 13, BIG),
+                                                     "--out", "parts"], code=0,
+         extra=lambda t: split_total(t / "parts", 24)),
+    # a CSV quote that never closes: the line it opened on, not rows vanishing into one cell
+    *[Case(f"data-{cmd}-csv-unclosed-quote",
+           lambda t, cmd=cmd: ["data", cmd, labelled_csv(t, "open.csv", 5, '"never closed'), *args],
+           ("open.csv: line 5: a quote opens here and is never closed", "lines 5–25"))
+      for cmd, args in (("check", ["--no-tokens"]), ("clean", ["--out", "x.jsonl"]), ("split", ["--out", "x"]))],
+    Case("data-preview-csv-unclosed-quote", on_recipe("data preview", lambda t: labelled_csv(
+        t, "open.csv", 5, '"never closed')), ("open.csv: line 5: a quote opens here and is never closed",)),
+    # JSON nested 100,000 deep: that row is rejected with its reason, the rest are counted and used (1 of 24 is
+    # under data.max_reject_fraction, so data check passes as train would)
+    Case("data-check-jsonl-nested-100000", lambda t: ["data", "check", labelled_jsonl(t, "deep.jsonl", 13, DEEP),
+                                                      "--no-tokens", "--out", "c"],
+         code=0, extra=lambda t: (rejects_are("c/rejects.jsonl", [(13, NESTED)])(t), report_rows(24, 23, 1)(t))),
+    Case("data-clean-jsonl-nested-100000", lambda t: ["data", "clean", labelled_jsonl(t, "deep.jsonl", 13, DEEP),
+                                                      "--out", "clean.jsonl"],
+         code=0, extra=rejects_are("clean.rejects.jsonl", [(13, NESTED)])),
+    Case("data-split-jsonl-nested-100000", lambda t: ["data", "split", labelled_jsonl(t, "deep.jsonl", 13, DEEP),
+                                                      "--out", "parts"],
+         code=0, extra=rejects_are("parts/rejects.jsonl", [(13, NESTED)])),
+    Case("data-check-json-array-nested-100000",
+         lambda t: ["data", "check", data_file(t, "deep.json", ["[", *[json.dumps(r) + "," for r in LABELLED],
+                                                                DEEP, "]"]), "--no-tokens", "--out", "c"],
+         code=0, extra=lambda t: (rejects_are("c/rejects.jsonl", [(26, NESTED)])(t), report_rows(25, 24, 1)(t))),
+    # Parquet timestamp, date, decimal and binary columns: exact in Parquet, ISO text in JSONL
+    Case("data-clean-parquet-timestamps", lambda t: ["data", "clean", typed_parquet(t), "--out", "clean.parquet"],
+         code=0, extra=lambda t: parquet_round_trip(t, ["clean.parquet"])),
+    Case("data-clean-parquet-timestamps-to-jsonl", lambda t: ["data", "clean", typed_parquet(t), "--out",
+                                                              "clean.jsonl"], code=0, extra=parquet_as_iso_jsonl),
+    Case("data-split-parquet-timestamps", lambda t: ["data", "split", typed_parquet(t), "--out", "parts"], code=0,
+         extra=lambda t: parquet_round_trip(t, ["parts/train.parquet", "parts/validation.parquet",
+                                                "parts/test.parquet"])),
+    # a file that is not UTF-8: the file, line, column and byte offset, and how to re-encode it
+    Case("data-check-not-utf8-jsonl", lambda t: ["data", "check", labelled_jsonl(
+        t, "latin.jsonl", 3, b'{"text": "caf\xe9", "label": "pos"}'), "--no-tokens"],
+         ("latin.jsonl: line 3, column 14 is not UTF-8 (byte 0xe9 at byte offset 121 of the file)", *NOT_UTF8)),
+    Case("data-clean-not-utf8-csv", lambda t: ["data", "clean", labelled_csv(t, "latin.csv", 4, b"caf\xe9"),
+                                               "--out", "x.jsonl"],
+         ("latin.csv: line 4, column 4 is not UTF-8", *NOT_UTF8)),
+    Case("data-split-not-utf8-csv", lambda t: ["data", "split", labelled_csv(t, "latin.csv", 4, b"caf\xe9"),
+                                               "--out", "x"], ("latin.csv: line 4, column 4 is not UTF-8",)),
+    Case("data-review-not-utf8", lambda t: ["data", "review", review_file(t, b'{"text": "caf\xe9"}'),
+                                            "--accept-passing"],
+         ("review.jsonl: line 2, column 14 is not UTF-8", *NOT_UTF8)),
+    Case("data-preview-not-utf8", on_recipe("data preview", lambda t: labelled_jsonl(
+        t, "latin.jsonl", 3, b'{"text": "caf\xe9", "label": "pos"}')), ("latin.jsonl: line 3, column 14",)),
+    Case("data-check-utf16-csv", lambda t: ((t / "u16.csv").write_bytes("text,label\nhi there,pos\n".encode("utf-16")),
+                                            ["data", "check", "u16.csv", "--no-tokens"])[1],
+         ("u16.csv: is UTF-16 text", "iconv -f utf-16 -t utf-8")),
+    Case("data-review-nested-100000", lambda t: ["data", "review", review_file(t, DEEP), "--accept-passing"],
+         ("review.jsonl:2: " + NESTED,)),
+    # files with no rows, or not the shape of rows
+    Case("data-check-empty-file", lambda t: ["data", "check", data_file(t, "empty.jsonl", []), "--no-tokens"],
+         ("empty.jsonl: no rows (the file is empty)",)),
+    Case("data-split-header-only-csv", lambda t: ["data", "split", data_file(t, "head.csv", ["text,label"]),
+                                                  "--out", "x"], ("head.csv: only a header (line 1), no rows",)),
+    Case("data-check-csv-column-twice", lambda t: ["data", "check", data_file(t, "twice.csv", ["text,text", "a,b"]),
+                                                   "--no-tokens"], ("twice.csv: line 1 (the header)", "'text' twice")),
+    Case("data-check-json-one-object", lambda t: ["data", "check", data_file(
+        t, "one.json", ["{", f'  "rows": {json.dumps(LABELLED)}', "}"]), "--no-tokens"],
+         ("one.json: one JSON object over several lines", "the list under 'rows'")),
+    Case("data-check-json-array", lambda t: ["data", "check", data_file(t, "rows.json", [json.dumps(LABELLED)]),
+                                             "--no-tokens", "--out", "c"], code=0, extra=report_rows(24, 24, 0)),
+    Case("data-check-csv-byte-order-mark", lambda t: ["data", "check", data_file(
+        t, "bom.csv", [b"\xef\xbb\xbftext,label", *[f"{r['text']},{r['label']}" for r in LABELLED]]),
+        "--no-tokens", "--out", "c"], code=0, extra=report_rows(24, 24, 0)),
+    Case("data-check-folder-not-datasets", lambda t: ["data", "check", str(made(t, folders=("plain",)) / "plain"),
+                                                      "--no-tokens"], ("plain: a folder, but not one saved by",)),
+    Case("data-check-damaged-datasets-folder", lambda t: ((t / "ds").mkdir(), (t / "ds" / "state.json").write_text(
+        "{broken"), ["data", "check", "ds", "--no-tokens"])[2], ("ds: not a readable saved `datasets` folder",)),
+    # data check stops where train stops: 4 malformed rows in 24 (the reject share), listed with their lines
+    Case("data-check-4-malformed-of-24", lambda t: ["data", "check", data_file(
+        t, "bad.jsonl", [json.dumps(r) for r in LABELLED[:20]] + MALFORMED_4_OF_24), "--no-tokens", "--out", "c"],
+         code=1, extra=rejects_are("c/rejects.jsonl", [
+             (21, "malformed JSON: Unterminated string starting at column 10"),
+             (22, "malformed JSON: Expecting value at column 1"),
+             (23, "wrong type: field 'text' must be text, got int"), (24, "not a JSON object: got list")])),
+]
 
 
 # ----------------------------------------------------------------------------------------------- run folders
 
+def damaged_run(tmp: Path, manifest: str) -> Path:
+    """A folder that looks like a run whose manifest.json holds `manifest`."""
+    run = tmp / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(manifest)
+    return run
+
+
 RUN_CASES: list[Case] = [
     Case("eval-not-a-run", lambda t: (t.joinpath("notrun").mkdir(), ["eval", str(t / "notrun")])[1],
          ("notrun", "manifest.json")),
+    Case("train-overwrite-the-recipes-folder",
+         lambda t: ["train", str(recipe(t, "data:\n  train: train.jsonl\noutput:\n  dir: .\n  overwrite: true\n"))],
+         ("output.dir", "would be, contain or lie inside")),
+    Case("train-overwrite-a-folder-not-ours",
+         lambda t: (t.joinpath("mine").mkdir(), t.joinpath("mine", "notes.txt").write_text("x"),
+                    ["train", str(recipe(t, "data:\n  train: train.jsonl\noutput:\n  dir: mine\n  overwrite: true\n"))])[2],
+         ("mine", "not a tunesmith run folder")),
+    Case("train-output-dir-is-a-file",
+         lambda t: (t.joinpath("out").write_text("x"),
+                    ["train", str(recipe(t, "data:\n  train: train.jsonl\noutput:\n  dir: out\n"))])[1],
+         ("output.dir", "is a file")),
+    Case("train-max-seq-len-leaves-nothing-to-train",
+         lambda t: ["train", str(recipe(t, "data:\n  train: train.jsonl\ntrain:\n  max_seq_len: 9\n"))],
+         ("train.jsonl", "24 of 24 rows rejected", "no trained tokens left")),
+    Case("eval-manifest-cut-short", lambda t: ["eval", str(damaged_run(t, '{"tunesmith_run": 1, "meth'))],
+         ("manifest.json", "damaged")),
+    Case("predict-manifest-not-ours", lambda t: ["predict", str(damaged_run(t, "[1, 2]")), "hello"],
+         ("manifest.json", "not a tunesmith manifest")),
 ]
 
 

@@ -210,6 +210,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the file gets the mode a plain open() gives
     try:
         yield tmp
         os.replace(tmp, path)
@@ -242,7 +243,20 @@ def new_staging(target: str | Path) -> Path:
     """A new empty folder beside `target` (same file system, so it can be renamed into place)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
+    return _staging_dir(f".{target.name}.", target.parent)
+
+
+def _staging_dir(prefix: str, parent: Path) -> Path:
+    """A new hidden folder in `parent`, with the mode mkdir would give it (mkdtemp makes it private)."""
+    staging = Path(tempfile.mkdtemp(prefix=prefix, suffix=".staging", dir=parent))
+    os.chmod(staging, 0o777 & ~_umask())
+    return staging
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def place_dir(staging: Path, target: Path, replace: bool = False) -> None:
@@ -268,7 +282,7 @@ def staged_files(folder: str | Path, protect: list[str | Path] = ()) -> Iterator
 
     folder = Path(folder)
     home = folder if folder.is_dir() else folder.parent  # stage on the same file system, so moves are renames
-    staging = Path(tempfile.mkdtemp(prefix=".tunesmith-", suffix=".staging", dir=home))
+    staging = _staging_dir(".tunesmith-", home)
     try:
         yield staging
         if not folder.is_dir():

@@ -227,7 +227,7 @@ def cmd_train(args) -> int:
     _quiet_libraries()
     from tunesmith.train import train_run
 
-    train_run(recipe, resume=args.resume)
+    train_run(recipe, resume=args.resume, recipe_path=args.recipe)
     _write_report(recipe.output.dir)
     return 0
 

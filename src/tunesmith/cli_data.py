@@ -79,28 +79,36 @@ def register(dsub, common: argparse.ArgumentParser, recipe_args: argparse.Argume
 
 def cmd_check(args) -> int:
     from tunesmith.artifacts import staged_files
-    from tunesmith.data.check import CheckOptions, check_data, write_report
+    from tunesmith.data.check import CheckOptions, check_like_training, data_section, write_report
     from tunesmith.data.check_view import summary_text
+    from tunesmith.data.records import write_rejects
 
     out = check_out(args, args.out, folder=True)
     settings = reading_settings(args)
     recipe = settings["recipe"]
-    min_words = args.min_words if args.min_words is not None else recipe.data.check.min_words if recipe else 2
-    options = CheckOptions(near_threshold=near_threshold(args, settings), min_words=min_words,
-                           max_len=args.max_len or settings["max_len"], system_prompt=settings["system_prompt"],
-                           max_duplicate_fraction=recipe.data.check.max_duplicate_fraction if recipe else 0.05,
-                           leakage=recipe.data.check.leakage if recipe else "stop")
+    data = data_section(recipe, args.data[0], settings["format"], settings["columns"], settings["labels"])
+    options = CheckOptions.for_recipe(data)  # the thresholds training uses; the flags below win
+    options.near_threshold = near_threshold(args, settings)
+    options.min_words = args.min_words if args.min_words is not None else options.min_words
+    options.max_len = args.max_len or settings["max_len"]
     if not args.no_tokens:
         options.tokenizer = tokenizer_for(settings, args.model)
         options.model_name = args.model or settings["model"]
-    train = load_data(args.data, settings)
-    against = load_data(args.against, {**settings, "format": train[0].kind}) if args.against else None
-    report = check_data(train, against, options, progress=lambda what: print(f"checking {what}…", flush=True))
+    kinds, against = None, args.against
+    if recipe is not None:  # read as this recipe's training would: its method's record types, its validation file
+        from tunesmith.methods import REGISTRY
+
+        kinds = REGISTRY[recipe.method.name].record_types
+        against = against or ([recipe.data.validation] if recipe.data.validation else [])
+    report, prepared = check_like_training(args.data, against, data, options, kinds,
+                                           progress=lambda what: print(f"checking {what}…", flush=True))
     with staged_files(out, protect=input_paths(args)) as stage:
         names = {kind: p.name for kind, p in write_report(report, stage).items()}
+        write_rejects(prepared.rejects, stage / "rejects.jsonl")
     print(summary_text(report))
-    print(f"wrote {out / names['json']} and {out / names['html']}")
-    return 1 if any(p["severity"] == "error" for p in report["problems"]) else 0
+    print(f"wrote {out / names['json']}, {out / names['html']} and {out / 'rejects.jsonl'} (each rejected row "
+          "with its line and reason)")
+    return 1 if report["gate"]["stops_training"] else 0
 
 
 def cmd_clean(args) -> int:
@@ -134,8 +142,7 @@ def cmd_split(args) -> int:
     from collections import Counter
 
     from tunesmith.artifacts import staged_files
-    from tunesmith.data.readers import write_rows
-    from tunesmith.data.split import split_records
+    from tunesmith.data.split import split_records, write_splits
 
     out = check_out(args, args.out, folder=True)
     names = [n.strip() for n in args.names.split(",") if n.strip()]
@@ -147,14 +154,11 @@ def cmd_split(args) -> int:
     records, load = read_records(args.data, settings)
     parts = split_records(records, dict(zip(names, args.fractions)), args.seed, near_threshold(args, settings))
     with staged_files(out, protect=input_paths(args)) as stage:
-        for name, rows in parts.items():
-            write_rows([r.raw for r in rows], stage / f"{name}.jsonl")
-        if load.rejects:
-            write_rows(load.rejects, stage / "rejects.jsonl")
+        written = {name: out / p.name for name, p in write_splits(parts, args.data, stage, load.rejects).items()}
     for name, rows in parts.items():
         labels = Counter(r.data["label"] for r in rows) if load.kind == "classification" else None
         detail = f" ({', '.join(f'{k} {v}' for k, v in sorted(labels.items()))})" if labels else ""
-        print(f"{name}: {len(rows)} rows{detail} → {out / (name + '.jsonl')}")
+        print(f"{name}: {len(rows)} rows{detail} → {written[name]}")
     if load.rejects:
         print(f"rejected: {len(load.rejects)} rows → {out / 'rejects.jsonl'}")
     print("exact and near duplicates (and augmented copies) were kept inside one split")

@@ -236,8 +236,7 @@ def check_gate(data, recipe: Recipe, run: RunDir, echo: Callable[[str], None], s
     from tunesmith.data.check import CheckOptions, gate
 
     c = recipe.data.check
-    options = CheckOptions(near_threshold=c.near_threshold, min_words=c.min_words, leakage=c.leakage,
-                           max_duplicate_fraction=c.max_duplicate_fraction, system_prompt=recipe.data.system_prompt)
+    options = CheckOptions.for_recipe(recipe.data)
     against = data.loads[1:] if data.validation_source == "file" else None  # a split of ours can't leak
     report = gate(data.loads[:1], against, options, run.root)
     dup = report["duplicates"]
