@@ -260,7 +260,7 @@ def test_unknown_arms_exit_2_with_the_valid_names(recipe, capsys):
     (["--arm-set", "ia3:train.seed=1"], ["--arm-set 'ia3:train.seed=1': 'ia3' is not one of the arms"]),
     (["--set", "output.dir=elsewhere"], ["--set 'output.dir=elsewhere': compare chooses each arm's run folder"]),
     (["--arm-set", "zero-shot:train.seed=1"], ["zero-shot trains nothing"]),
-    (["--limit", "0"], ["--limit 0: give a positive number of rows"]),
+    (["--limit", "0"], ["argument --limit: '0' is not a whole number ≥ 1"]),
 ])
 def test_bad_settings_exit_2_before_anything_trains(recipe, capsys, argv, message):
     out = recipe.parent / "never"

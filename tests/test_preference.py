@@ -256,7 +256,7 @@ def test_our_loss_lists_are_the_installed_trls(tmp_path):
 @pytest.mark.parametrize("name", ["grpo", "rloo"])
 def test_online_methods_need_exactly_one_reward(tmp_path, name):
     neither = _method_problems(tmp_path, {"name": name})
-    assert neither == ["`method.reward_function`: None — the replies need a reward: set `method.reward_model: RUN` "
+    assert neither == ["`method.reward_function`: null — the replies need a reward: set `method.reward_model: RUN` "
                        "(a `method: reward` run) or `method.reward_function: module:function` (or "
                        "path/to/file.py:function)"]
     both = _method_problems(tmp_path, {"name": name, "reward_model": "runs/rm", "reward_function": "m:f"})

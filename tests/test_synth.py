@@ -317,7 +317,8 @@ def test_local_teacher_loads_a_run_folder(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, run / "tokenizer")
     shutil.copy(tiny_model_dir / "generation_config.json", run / "generation_config.json")
     (run / "manifest.json").write_text(json.dumps(
-        {"saved": "model", "base_model": {"name": str(tiny_model_dir), "resolved": str(tiny_model_dir)}}))
+        {"tunesmith_run": 1, "method": "sft", "saved": "model",
+         "base_model": {"name": str(tiny_model_dir), "resolved": str(tiny_model_dir)}}))
     teacher = LocalTeacher(str(run))
     assert teacher.loaded.label == f"tuned ({run})" and teacher.loaded.tokenizer.padding_side == "left"
     assert len(teacher.complete([[{"role": "user", "content": "Hello"}]] * 2, 4, 0.0, 0)) == 2

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 from tunesmith.errors import TunesmithError
+from tunesmith.model import quiet_libraries  # noqa: F401 - re-exported for the CLI modules
 
 # ----------------------------------------------------------------------------------------------- argument types
 
@@ -91,21 +91,6 @@ def write_rows_safely(rows: list[dict[str, Any]], out: Path, args: argparse.Name
     with staged_files(out.parent, protect=input_paths(args)) as stage:
         write_rows(rows, stage / out.name)
     return out
-
-
-# ----------------------------------------------------------------------------------------------- libraries
-
-
-def quiet_libraries() -> None:
-    """Keep library chatter (advisory warnings) off the terminal; our own summaries say what matters."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
 
 
 # ----------------------------------------------------------------------------------------------- reading data

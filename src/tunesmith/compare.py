@@ -34,6 +34,7 @@ from tunesmith.artifacts import RunDir
 from tunesmith.compare_table import markdown, paired_difference, score, table_text
 from tunesmith.errors import RecipeError, TunesmithError
 from tunesmith.methods import REGISTRY
+from tunesmith.model import quiet_libraries
 from tunesmith.recipe import MethodParams, Recipe, apply_overrides, load_recipe, parse_recipe, recipe_changes
 
 ZERO_SHOT = ("zero-shot", "base")
@@ -425,7 +426,7 @@ def arm_process(spec_file: str) -> int:
     spec = json.loads(Path(spec_file).read_text())
     record_file = Path(spec["record"])
     record: dict[str, Any] = {**spec["keep"], "name": spec["name"], "stage": "train"}
-    _quiet_libraries()
+    quiet_libraries()
     try:
         if spec["train"]:
             from tunesmith.train import train_run
@@ -454,18 +455,6 @@ def arm_process(spec_file: str) -> int:
         code = 1
     artifacts.write_json(record_file, record)
     return code
-
-
-def _quiet_libraries() -> None:
-    """Library advisory warnings off the arm's log, as the CLI does for `tunesmith train`."""
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
 
 
 # ----------------------------------------------------------------------------------------------- the table
