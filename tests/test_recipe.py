@@ -832,3 +832,18 @@ def test_classify_head_init_and_probe_c_reject_bad_values_by_name(tmp_path):
     assert problems_of(path) == [
         "`method.head_init`: 'prob' is not allowed; choose one of: random, probe; did you mean 'probe'?",
         "`method.probe_C`: 0 is out of range — it must be > 0.0"]
+
+
+def test_a_program_that_imports_only_the_recipe_module_can_load_a_recipe(tmp_path):
+    """The registry is looked up at run time when nothing registered it (a script using tunesmith as a library)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "train.jsonl").write_text('{"text": "hello there"}\n')
+    (tmp_path / "r.yaml").write_text("data: {train: train.jsonl}\nmethod: {name: pretrain}\n")
+    code = ("import sys; from tunesmith.recipe import load_recipe; "
+            "assert 'tunesmith.methods' not in sys.modules; "
+            f"print(load_recipe({str(tmp_path / 'r.yaml')!r}).method.name)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "pretrain"

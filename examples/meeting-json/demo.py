@@ -16,7 +16,7 @@ HERE = Path(__file__).parent
 
 
 def main(overrides: list[str]) -> int:
-    from tunesmith.cli import _quiet_libraries
+    from tunesmith.model import quiet_libraries as _quiet_libraries
     from tunesmith.errors import TunesmithError
     from tunesmith.recipe import load_recipe
 

@@ -8,6 +8,7 @@ each one through its `params` schema and `check`, never by name.
 from __future__ import annotations
 
 import copy
+import importlib
 import re
 import typing
 from pathlib import Path
@@ -171,10 +172,13 @@ def register_methods(methods: Mapping[str, MethodSchema]) -> None:
 
 
 def _table(methods: Mapping[str, MethodSchema] | None) -> Mapping[str, MethodSchema]:
+    """The methods a recipe may name: those handed in, else the registered ones. A program that imported only this
+    module gets tunesmith's own registry, looked up now (by name, at run time: no import loop at load time)."""
+    if methods is None and not METHODS:
+        importlib.import_module("tunesmith.methods")  # registers its REGISTRY through register_methods
     table = METHODS if methods is None else methods
     if not table:
-        raise RuntimeError("no training methods are registered: import tunesmith.methods (it registers them), "
-                           "or pass methods=")
+        raise RuntimeError("no training methods are registered: pass methods=, or call register_methods")
     return table
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from tunesmith.artifacts import RunDir, open_run, read_metrics
 from tunesmith.data.check import histogram
 from tunesmith.data.check_view import CSS as CHECK_CSS
-from tunesmith.data.check_view import MARK, _table
+from tunesmith.data.check_view import MARK, html_table
 from tunesmith.errors import RunError
 from tunesmith.evaluation.view import PERCENT, fmt, fmt_diff
 from tunesmith.train import kept_text
@@ -277,7 +277,7 @@ def _alignment(a: dict[str, Any]) -> str:
             f"({kl['kl_per_token']:.4f} per token).</p>" if kl else "")
     return (f"<p class='muted'>scored by {_text(a['reward_model'])}; a reward that rises with the answer length alone "
             "is the reward model being gamed</p>"
-            + _table(["system", "mean reward", "95% interval", "answer tokens", "tuned wins against it"], rows)
+            + html_table(["system", "mean reward", "95% interval", "answer tokens", "tuned wins against it"], rows)
             + note)
 
 
@@ -293,7 +293,7 @@ def _metric_table(systems: list[str], metrics: dict[str, dict[str, Any]]) -> str
     for s in systems:
         names += [k for k, v in (metrics.get(s) or {}).items() if _finite(v) and k not in names]
     rows = [[name] + [_metric(name, (metrics.get(s) or {}).get(name)) for s in systems] for name in names]
-    return _table(["metric", *systems], rows) if rows else ""
+    return html_table(["metric", *systems], rows) if rows else ""
 
 
 def _difference_charts(differences: list[dict[str, Any]]) -> str:
@@ -371,7 +371,7 @@ def _wins_losses(results: dict[str, Any]) -> str:
                 for x, w, c in zip(starts, widths, (COLORS[2], "#ccc", COLORS[4])) if w) + "</svg>")
         rows.append([_text(other), wins, ties, losses, bar])
     return (f"<p class='muted'>on {_text(results.get('primary_metric', 'the primary metric'))}, example by example</p>"
-            + _table(["tuned vs", "wins", "ties", "losses", ""], rows, raw=True))
+            + html_table(["tuned vs", "wins", "ties", "losses", ""], rows, raw=True))
 
 
 def _confusion(system: str, confusion: dict[str, Any]) -> str:
@@ -486,13 +486,13 @@ def _leakage(results: dict[str, Any]) -> str:
     more = f" (the first {len(listed)} listed)" if len(listed) < count else ""
     return (f"<h3>Leakage exclusions</h3><p class='warning'>{_text(count)} evaluation rows match training rows "
             f"and were left out of every score{more}.</p>"
-            + (_table(["evaluation row", "training row", "similarity", "match"], rows) if rows else ""))
+            + (html_table(["evaluation row", "training row", "similarity", "match"], rows) if rows else ""))
 
 
 def _forgetting(f: dict[str, Any]) -> str:
     tuned, base = f.get("tuned") or {}, f.get("base") or {}
     names = [k for k in ("qa_accuracy", "perplexity", "nll_per_token") if k in tuned or k in base]
-    table = _table(["", "base", "tuned"], [[k, _metric(k, base.get(k)), _metric(k, tuned.get(k))] for k in names])
+    table = html_table(["", "base", "tuned"], [[k, _metric(k, base.get(k)), _metric(k, tuned.get(k))] for k in names])
     threshold = f.get("threshold")
     parts = []
     if _finite(f.get("qa_accuracy_drop")):

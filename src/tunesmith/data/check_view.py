@@ -121,7 +121,7 @@ def _e(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _table(headers: list[str], rows: list[list[Any]], raw: bool = False) -> str:
+def html_table(headers: list[str], rows: list[list[Any]], raw: bool = False) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{c if raw else _e(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -133,7 +133,7 @@ def _findings(problems: list[dict[str, str]]) -> str:
     rows = [[f"<span class='{p['severity']}'>{MARK[p['severity']]} {p['severity']}</span>", _e(p["check"]),
              _e(p["message"])] for p in problems]
     return "<h2>Findings</h2><p>Errors stop <code>tunesmith train</code> (unless the recipe allows them).</p>" + \
-        _table(["severity", "check", "finding"], rows, raw=True)
+        html_table(["severity", "check", "finding"], rows, raw=True)
 
 
 def _rows(report: dict[str, Any]) -> str:
@@ -142,10 +142,10 @@ def _rows(report: dict[str, Any]) -> str:
         if name not in report:
             continue
         section = report[name]
-        out.append(_table(["file", "read", "used", "rejected"],
+        out.append(html_table(["file", "read", "used", "rejected"],
                           [[f, c["read"], c["used"], c["rejected"]] for f, c in section["files"].items()]))
         if section["reject_examples"]:
-            out.append(_table(["file", "line", "reason"],
+            out.append(html_table(["file", "line", "reason"],
                               [[r["file"], r["line"], r["reason"]] for r in section["reject_examples"]]))
     return "".join(out)
 
@@ -157,7 +157,7 @@ def _duplicates(dup: dict[str, Any]) -> str:
     for c in dup["clusters"]:
         kind = "exact" if c["exact"] else "near"
         out.append(f"<p class='muted'>{kind} cluster of {c['size']} rows</p>")
-        out.append(_table(["file:line", "similarity", "text"],
+        out.append(html_table(["file:line", "similarity", "text"],
                           [[f"{r['file']}:{r['line']}", r.get("similarity", "first"), r["text"]] for r in c["rows"]]))
     return "".join(out)
 
@@ -165,7 +165,7 @@ def _duplicates(dup: dict[str, Any]) -> str:
 def _leakage(leak: dict[str, Any]) -> str:
     return (f"<h2>Train/evaluation leakage</h2><p>{leak['pairs']} pairs ({leak['exact_pairs']} exact): "
             f"{leak['train_rows']} training rows, {leak['eval_rows']} of {leak['eval_total']} evaluation rows.</p>"
-            + _table(["train", "evaluation", "similarity"],
+            + html_table(["train", "evaluation", "similarity"],
                      [[f"{m['train']['file']}:{m['train']['line']} — {m['train']['text']}",
                        f"{m['eval']['file']}:{m['eval']['line']} — {m['eval']['text']}", m["similarity"]]
                       for m in leak["examples"]]))
@@ -173,7 +173,7 @@ def _leakage(leak: dict[str, Any]) -> str:
 
 def _bars(items: list[tuple[str, int]]) -> str:
     top = max((n for _, n in items), default=1) or 1
-    return _table(["", "rows", ""], [[_e(k), n, f"<span class='bar' style='width:{int(300 * n / top)}px'></span>"]
+    return html_table(["", "rows", ""], [[_e(k), n, f"<span class='bar' style='width:{int(300 * n / top)}px'></span>"]
                                      for k, n in items], raw=True)
 
 
@@ -183,7 +183,7 @@ def _length(length: dict[str, Any]) -> str:
     dists = [["words", *[length["words"].get(k, "") for k in ("min", "p50", "p90", "p99", "max")]]]
     if "tokens" in length:
         dists.append(["tokens", *[length["tokens"].get(k, "") for k in ("min", "p50", "p90", "p99", "max")]])
-    out.append(_table(["", "min", "p50", "p90", "p99", "max"], dists))
+    out.append(html_table(["", "min", "p50", "p90", "p99", "max"], dists))
     if "token_histogram" in length:
         out.append("<p>Tokens per row (chat template included):</p>")
         out.append(_bars([(b["bucket"], b["rows"]) for b in length["token_histogram"]]))
@@ -191,7 +191,7 @@ def _length(length: dict[str, Any]) -> str:
         out.append(f"<p>{length['too_long']} rows are longer than max_len {length['max_len']} and would be "
                    "truncated.</p>")
         if length["long_examples"]:
-            out.append(_table(["file:line", "tokens", "text"], [[f"{r['file']}:{r['line']}", r["tokens"], r["text"]]
+            out.append(html_table(["file:line", "tokens", "text"], [[f"{r['file']}:{r['line']}", r["tokens"], r["text"]]
                                                                  for r in length["long_examples"]]))
     return "".join(out)
 
@@ -201,7 +201,7 @@ def _labels(labels: dict[str, Any]) -> str:
            f"(largest/smallest); {labels['conflicts']} texts with conflicting labels.</p>",
            _bars(list(labels["counts"].items()))]
     if labels["conflict_examples"]:
-        out.append(_table(["text", "labels (file:line)"],
+        out.append(html_table(["text", "labels (file:line)"],
                           [[c["text"], "; ".join(f"{k}: {', '.join(v)}" for k, v in c["labels"].items())]
                            for c in labels["conflict_examples"]]))
     return "".join(out)
@@ -215,8 +215,8 @@ def _quality(quality: dict[str, Any], pii: dict[str, Any]) -> str:
                 for k, v in section.items() if k != "boilerplate"]
         if title == "personal data":
             out.append("<h2>Personal data</h2><p>Examples are masked.</p>")
-        out.append(_table(["kind", "rows", "found", "examples"], rows, raw=True))
+        out.append(html_table(["kind", "rows", "found", "examples"], rows, raw=True))
     if quality["boilerplate"]:
         out.append("<p>Lines repeated across rows (boilerplate):</p>")
-        out.append(_table(["line", "rows"], [[b["line"], b["rows"]] for b in quality["boilerplate"]]))
+        out.append(html_table(["line", "rows"], [[b["line"], b["rows"]] for b in quality["boilerplate"]]))
     return "".join(out)

@@ -248,3 +248,8 @@ def stats(encoded: list[Encoded]) -> dict[str, Any]:
         "truncated_rows": sum(e.truncated for e in encoded),
         "length_min": lengths[0], "length_median": lengths[len(lengths) // 2], "length_max": lengths[-1],
     }
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its end of sequence."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

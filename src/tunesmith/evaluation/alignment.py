@@ -61,14 +61,14 @@ def kl_to_base(tuned, base, prompts: list[list[dict[str, str]]], answers: list[s
                batch_size: int = 8) -> dict[str, Any]:
     """Mean summed log-ratio log p_tuned − log p_base over the tokens of the tuned answers, per answer and per
     token, and the answers' mean length in tokens. `tuned` and `base` are loaded systems (model + tokenizer)."""
-    from tunesmith.data.format import encode_chat, last_answer_only
-    from tunesmith.evaluation.scoring import _pad, sequence_logprobs
+    from tunesmith.data.format import encode_chat, last_answer_only, pad_token_id
+    from tunesmith.evaluation.scoring import sequence_logprobs
 
     tok = tuned.tokenizer
     sequences = [last_answer_only(*encode_chat(tok, p + [{"role": "assistant", "content": a}]))
                  for p, a in zip(prompts, answers)]
-    tuned_lp = sequence_logprobs(tuned.model, sequences, _pad(tok), batch_size)
-    base_lp = sequence_logprobs(base.model, sequences, _pad(tok), batch_size)
+    tuned_lp = sequence_logprobs(tuned.model, sequences, pad_token_id(tok), batch_size)
+    base_lp = sequence_logprobs(base.model, sequences, pad_token_id(tok), batch_size)
     ratios = np.array([t - b for (t, _), (b, _) in zip(tuned_lp, base_lp)])
     tokens = np.array([n for _, n in tuned_lp])
     return {"kl_per_answer": float(ratios.mean()), "kl_per_token": float(ratios.sum() / max(tokens.sum(), 1)),

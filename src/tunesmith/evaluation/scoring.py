@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable
 
-from tunesmith.data.format import IGNORE, encode_chat, encode_text, last_answer_only  # noqa: F401 - re-exported
+from tunesmith.data.format import (IGNORE, encode_chat, encode_text, last_answer_only,  # noqa: F401 - re-exported
+                                   pad_token_id)
 
 
 def sequence_logprobs(model, sequences: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 16,
@@ -67,11 +68,11 @@ def score_labels(loaded, prompts: list[list[dict[str, str]]], labels: list[str],
         scored = []
         for p in range(len(prompts)):
             scored += _shared_prefix_logprobs(loaded.model, sequences[p * len(labels):(p + 1) * len(labels)],
-                                              _pad(tok), batch_size)
+                                              pad_token_id(tok), batch_size)
             if progress:
                 progress(len(labels))
     else:
-        scored = sequence_logprobs(loaded.model, sequences, _pad(tok), batch_size, progress)
+        scored = sequence_logprobs(loaded.model, sequences, pad_token_id(tok), batch_size, progress)
     out = []
     for p in range(len(prompts)):
         row = scored[p * len(labels):(p + 1) * len(labels)]
@@ -145,7 +146,7 @@ def text_nll(loaded, texts: list[str], max_len: int = 1024, batch_size: int = 8)
     for text in texts:
         ids, labels = encode_text(tok, text)
         sequences.append((ids[:max_len], labels[:max_len]))
-    return [(-s, n) for s, n in sequence_logprobs(loaded.model, sequences, _pad(tok), batch_size)]
+    return [(-s, n) for s, n in sequence_logprobs(loaded.model, sequences, pad_token_id(tok), batch_size)]
 
 
 def generate_sorted(loaded, conversations: list[list[dict[str, str]]], max_new_tokens: int, batch_size: int = 16,
@@ -165,7 +166,3 @@ def generate_sorted(loaded, conversations: list[list[dict[str, str]]], max_new_t
         if progress:
             progress(len(idx))
     return answers
-
-
-def _pad(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -358,11 +358,11 @@ def trained_token_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
 
 def FastDropout(p: float):  # noqa: N802 - reads like the nn.Dropout it replaces; torch is imported lazily
     """nn.Dropout(p) whose CPU mask is 16-bit lanes of int64 random words (4 elements per draw, p to 1/65536)."""
-    return _fast_dropout_class()(p)
+    return fast_dropout_class()(p)
 
 
 @functools.cache
-def _fast_dropout_class():
+def fast_dropout_class():
     import torch
     import torch.nn.functional as F
     from torch import nn

@@ -350,10 +350,10 @@ def without_dropout(model) -> None:
     """Set every dropout to p=0, our fast LoRA dropout included (TRL's disable_dropout knows only nn.Dropout)."""
     from torch import nn
 
-    from tunesmith.methods.common import _fast_dropout_class
+    from tunesmith.methods.common import fast_dropout_class
 
     for module in model.modules():
-        if isinstance(module, (nn.Dropout, _fast_dropout_class())):
+        if isinstance(module, (nn.Dropout, fast_dropout_class())):
             module.p = 0.0
 
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from tunesmith.data.format import IGNORE, Encoded, encode_text
+from tunesmith.data.format import IGNORE, Encoded, encode_text, pad_token_id
 from tunesmith.methods.adapters import AdapterParamsMixin
 from tunesmith.methods.base import Method, TrainOutcome
 from tunesmith.schema import MethodParams
@@ -155,14 +155,12 @@ def train(job) -> TrainOutcome:
     trainer = _trainer_class()(
         model=model, args=TrainingArguments(**trainer_arguments(job)), train_dataset=to_dataset(job.train_rows),
         eval_dataset=to_dataset(job.validation_rows) if job.validation_rows else None,
-        data_collator=BlockCollator(_pad_id(job.tokenizer)), processing_class=job.tokenizer, callbacks=callbacks)
+        data_collator=BlockCollator(pad_token_id(job.tokenizer)), processing_class=job.tokenizer, callbacks=callbacks)
     outcome = run_trainer(job, trainer, model)
     outcome.saved = save(job, trainer.model, params)
     return outcome
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 METHOD = Method(
