@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tunesmith.artifacts import RunDir, open_run, read_metrics
+from tunesmith.artifacts import RunDir, atomic_write, open_run, read_metrics
 from tunesmith.data.check import histogram
 from tunesmith.data.check_view import CSS as CHECK_CSS
 from tunesmith.data.check_view import MARK, html_table
@@ -43,7 +43,7 @@ def write_report(run_path: str | Path) -> Path:
     """Write RUN/report.html and return its path."""
     run = open_run(run_path)
     path = run.root / "report.html"
-    path.write_text(render_report(run.root), encoding="utf-8")
+    atomic_write(path, render_report(run.root))
     return path
 
 

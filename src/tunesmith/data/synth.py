@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from tunesmith.artifacts import atomic_write
 from tunesmith.data.records import FIELDS, Record, load_records, record_text
 from tunesmith.data.review import convert_row, review_row, write_jsonl_atomic
 from tunesmith.errors import DataError, ModelError
@@ -160,7 +161,7 @@ class SynthResult:
         path = Path(path)
         write_jsonl_atomic(path, self.rows)
         summary = path.with_name(path.stem + ".summary.json")
-        summary.write_text(json.dumps(self.summary, indent=2) + "\n", encoding="utf-8")
+        atomic_write(summary, json.dumps(self.summary, indent=2) + "\n")
         return path, summary
 
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field, field_validator
 
+from tunesmith.artifacts import atomic_write
 from tunesmith.data.format import Encoded
 from tunesmith.errors import DataError
 from tunesmith.methods.adapters import AdapterParamsMixin
@@ -603,7 +604,7 @@ def write_classifier(model, tokenizer, out: Path, run_root: Path, labels: list[s
     info = {"labels": list(labels), "pooling": pooling, "template": template, "padding_side": side,
             "max_length": max_len, "head": head, "run": str(run_root)}
     write_json(out / EXPORT_INFO, info)
-    (out / "README.md").write_text((readme or _export_readme)(info, tokenizer), encoding="utf-8")
+    atomic_write(out / "README.md", (readme or _export_readme)(info, tokenizer))
     return out
 
 
