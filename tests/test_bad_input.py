@@ -254,7 +254,36 @@ CLI_CASES: list[Case] = [
     Case("predict-only-empty-texts", lambda t: ["predict", placeholder_run(t), "", "   "],
          ("text 1: rejected — empty field", "text 2: rejected", "2 texts given, 0 to label, 2 rejected",
           "error: no text to label")),
+    # the loop back: data from-log and retrain
+    Case("from-log-no-such-log", lambda t: ["data", "from-log", "nolog.sqlite", "--run", placeholder_run(t), "--out",
+                                            "new.jsonl"], ("nolog.sqlite: no such request log",)),
+    Case("from-log-log-not-sqlite", lambda t: ["data", "from-log", str(made(t, "log.sqlite") / "log.sqlite"), "--run",
+                                               placeholder_run(t), "--out", "new.jsonl"],
+         ("log.sqlite: not a SQLite request log",)),
+    Case("from-log-include-unknown", lambda t: ["data", "from-log", empty_request_log(t), "--run", placeholder_run(t),
+                                                "--out", "new.jsonl", "--include", "up,sideways"],
+         ("--include up,sideways: choose from up, correction",)),
+    Case("from-log-out-not-jsonl", lambda t: ["data", "from-log", empty_request_log(t), "--run", placeholder_run(t),
+                                              "--out", "new.csv"], ("--out new.csv: from-log writes JSON lines",)),
+    Case("from-log-run-without-rows", lambda t: ["data", "from-log", empty_request_log(t), "--run",
+                                                 placeholder_run(t), "--out", "new.jsonl"],
+         ("data.json: missing",)),
+    Case("retrain-override-of-its-data", lambda t: ["retrain", placeholder_run(t), "data.train=x.jsonl", "--add",
+                                                    "new.jsonl"], ("override 'data.train=x.jsonl'", "retrain decides")),
+    Case("retrain-not-a-run", lambda t: ["retrain", "norun", "--add", "new.jsonl"], ("norun: no such run folder",)),
+    Case("retrain-run-without-rows", lambda t: ["retrain", placeholder_run(t), "--add", "new.jsonl"],
+         ("data.json: missing",)),
+    Case("retrain-limit-zero", lambda t: ["retrain", "run", "--add", "new.jsonl", "--limit", "0"],
+         ("argument --limit: '0'",)),
 ]
+
+
+def empty_request_log(tmp: Path) -> str:
+    """A request log `tunesmith serve` made, with no requests yet."""
+    from tunesmith.serve.requestlog import RequestLog
+
+    RequestLog(tmp / "requests.sqlite").close()
+    return str(tmp / "requests.sqlite")
 
 
 # ----------------------------------------------------------------------------------------------- data files

@@ -144,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=path, default=None, help="output folder (default RUN/merged)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is a folder tunesmith exported")
 
+    p = sub.add_parser("retrain", parents=[common], help="the run's recipe on its rows plus new ones (from `data "
+                       "from-log`) into a new run, compared with the run on its held-out rows: PROMOTE or KEEP",
+                       usage="tunesmith retrain RUN [KEY=VALUE ...] --add FILE [--out NEW_RUN] [--limit N] "
+                             "[--max-new-tokens N] [--batch-size N] [--seed N]")
+    p.add_argument("run", type=path, help="the run in service (a folder written by `tunesmith train`)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe keys of the new run, right after "
+                   "RUN, e.g. train.max_steps=200 (not data.train, data.validation or output.dir)")
+    p.add_argument("--add", type=path, required=True, help="rows to add, in the run's format (JSONL, CSV or Parquet)")
+    p.add_argument("--out", type=path, default=None, help="the new run folder (default RUN-retrain-N beside RUN)")
+    p.add_argument("--limit", type=positive_int, default=None, help="compare on the first N held-out rows only")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seeds the bootstrap")
+
     sub.add_parser("methods", parents=[common], help=f"list training methods ({', '.join(REGISTRY)})")
     return parser
 
@@ -420,6 +434,22 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_retrain(args) -> int:
+    """Train the run's recipe on its rows plus --add into a new run, then PROMOTE or KEEP (serve swaps a promoted
+    adapter in with POST /v1/load_lora_adapter)."""
+    from tunesmith.artifacts import check_output
+    from tunesmith.serve.loop import RetrainOptions, retrain
+
+    if args.out:
+        check_output(args.out, "--out", inputs=[args.run, args.add], folder=True)
+    _quiet_libraries()
+    verdict = retrain(args.run, args.add, RetrainOptions(out=args.out, overrides=args.overrides, limit=args.limit,
+                                                         max_new_tokens=args.max_new_tokens,
+                                                         batch_size=args.batch_size, seed=args.seed))
+    _write_report(verdict["new"])
+    return 0
+
+
 def cmd_methods(args) -> int:
     """Every method and adapter, each parameter with its type, default and meaning (from the recipe schema)."""
     from tunesmith.methods import REGISTRY
@@ -443,4 +473,4 @@ def cmd_methods(args) -> int:
 COMMANDS = {"init": cmd_init, "validate": cmd_validate, "train": cmd_train, "data": cmd_data,
             "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "score": cmd_score, "report": cmd_report,
             "review": cmd_review, "export": cmd_export, "compare": cmd_compare, "predict": cmd_predict,
-            "methods": cmd_methods}
+            "methods": cmd_methods, "retrain": cmd_retrain}

@@ -1,4 +1,4 @@
-"""`tunesmith data …`: preview, check, clean, split, balance (synth, review and augment are in cli_synth).
+"""`tunesmith data …`: preview, check, clean, split, balance, from-log (synth, review and augment are in cli_synth).
 
 Each subcommand reads data files (with the recipe's format, columns and labels when `--recipe` is given, or the
 flags), checks its output paths before any work, writes every file whole or not at all, and prints a summary.
@@ -19,7 +19,7 @@ CLEAN_FLAGS = ("fix_unicode", "strip_markup", "normalize_whitespace", "remove_co
 
 
 def register(dsub, common: argparse.ArgumentParser, recipe_args: argparse.ArgumentParser) -> None:
-    """Add preview, check, clean, split and balance to the `data` sub-parser."""
+    """Add preview, check, clean, split, balance and from-log to the `data` sub-parser."""
     p = dsub.add_parser("preview", parents=[common, recipe_args],
                         help="formatted examples with trained tokens marked ⟦…⟧, token counts, truncation")
     p.add_argument("-n", "--rows", type=positive_int, default=3, help="examples to show (default 3)")
@@ -72,6 +72,15 @@ def register(dsub, common: argparse.ArgumentParser, recipe_args: argparse.Argume
     p.add_argument("--per-class", type=positive_int, default=None, help="rows per label (default: smallest for "
                    "down, largest for up)")
     p.add_argument("--seed", type=non_negative_int, default=42)
+
+    p = dsub.add_parser("from-log", parents=[common], help="served requests with an upvote or a correction -> rows "
+                        "in a run's training format, checked for duplicates and leakage (rejects with reasons)")
+    p.add_argument("log", type=path, help="the request log `tunesmith serve` wrote (RUN/serve/requests.sqlite)")
+    p.add_argument("--run", type=path, required=True, help="the run whose training format, training rows (duplicates) "
+                   "and validation rows (leakage) the rows are checked against")
+    p.add_argument("--out", type=path, required=True, help="the new rows (.jsonl); rejects go to OUT.rejects.jsonl")
+    p.add_argument("--include", type=comma_list(str), default="up,correction",
+                   help="which feedback makes a row: up, correction (default both; the latest feedback decides)")
 
 
 # ----------------------------------------------------------------------------------------------- commands
@@ -210,5 +219,21 @@ def cmd_preview(args) -> int:
     return 0
 
 
+def cmd_from_log(args) -> int:
+    from pathlib import Path
+
+    from tunesmith.artifacts import check_output
+    from tunesmith.serve.loop import from_log, from_log_text, rejects_path, write_from_log
+
+    out = check_output(args.out, "--out", inputs=[args.log, args.run])
+    if out.suffix.lower() != ".jsonl":
+        raise TunesmithError(f"--out {out}: from-log writes JSON lines", f"name it {out.with_suffix('.jsonl').name}")
+    check_output(rejects_path(out), "--out's rejects file", inputs=[args.log, args.run])
+    found = from_log(args.log, args.run, tuple(x for x in args.include if x))
+    write_from_log(found, Path(out), protect=[args.log, args.run])
+    print(from_log_text(found, out))
+    return 0
+
+
 COMMANDS = {"preview": cmd_preview, "check": cmd_check, "clean": cmd_clean, "split": cmd_split,
-            "balance": cmd_balance}
+            "balance": cmd_balance, "from-log": cmd_from_log}
