@@ -275,7 +275,45 @@ CLI_CASES: list[Case] = [
          ("data.json: missing",)),
     Case("retrain-limit-zero", lambda t: ["retrain", "run", "--add", "new.jsonl", "--limit", "0"],
          ("argument --limit: '0'",)),
+    # monitor: the log, the run it is compared with, and its options
+    Case("monitor-no-such-log", lambda t: ["monitor", "nolog.sqlite"], ("nolog.sqlite: no such request log",)),
+    Case("monitor-log-not-sqlite", lambda t: ["monitor", str(made(t, "log.sqlite") / "log.sqlite")],
+         ("log.sqlite: not a SQLite request log",)),
+    Case("monitor-log-is-a-folder", lambda t: ["monitor", str(made(t, folders=("logs",)) / "logs")],
+         ("logs: not a file",)),
+    Case("monitor-empty-log", lambda t: ["monitor", empty_request_log(t)], ("requests.sqlite: no requests logged",)),
+    Case("monitor-nothing-since", lambda t: ["monitor", request_log(t), "--since", "2099-01-01T00:00"],
+         ("no requests logged since the --since time", "earlier --since")),
+    Case("monitor-since-not-iso", lambda t: ["monitor", "requests.sqlite", "--since", "yesterday"],
+         ("argument --since: 'yesterday' is not an ISO 8601 time",)),
+    Case("monitor-window-zero", lambda t: ["monitor", "requests.sqlite", "--window", "0"],
+         ("argument --window: '0'",)),
+    Case("monitor-no-such-run", lambda t: ["monitor", request_log(t), "--run", "norun"],
+         ("norun: no such run folder",)),
+    Case("monitor-run-without-rows", lambda t: ["monitor", request_log(t), "--run", placeholder_run(t)],
+         ("data.json: missing",)),
+    Case("monitor-run-rows-damaged", lambda t: ["monitor", request_log(t), "--run", damaged_rows_run(t)],
+         ("train.jsonl, line 1: not a record this run wrote",)),
+    Case("monitor-out-is-the-log", lambda t: ["monitor", request_log(t), "--out", "requests.sqlite"],
+         ("--out requests.sqlite: the output would be",)),
 ]
+
+
+def request_log(tmp: Path) -> str:
+    """A request log with one answered request."""
+    from tunesmith.serve.requestlog import RequestLog
+
+    with RequestLog(tmp / "requests.sqlite") as log:
+        log.record({"id": "chatcmpl-1", "time": 1_780_000_000.0, "status": 200, "e2e_s": 0.5, "input_chars": 12})
+    return str(tmp / "requests.sqlite")
+
+
+def damaged_rows_run(tmp: Path) -> str:
+    """A run folder whose RUN/data/train.jsonl is not what a run writes."""
+    run = Path(placeholder_run(tmp))
+    made(run, "data/train.jsonl", "data/validation.jsonl")
+    (run / "data" / "data.json").write_text(json.dumps({"kind": "classification", "labels": ["a"], "hashes": {}}))
+    return str(run)
 
 
 def empty_request_log(tmp: Path) -> str:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from tunesmith import cli_data, cli_synth
-from tunesmith.cli_common import non_negative_float, non_negative_int, path, port, positive_int
+from tunesmith.cli_common import non_negative_float, non_negative_int, path, port, positive_float, positive_int
 from tunesmith.cli_common import quiet_libraries as _quiet_libraries
 from tunesmith.errors import TunesmithError
 
@@ -157,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--seed", type=non_negative_int, default=0, help="seeds the bootstrap")
+
+    p = sub.add_parser("monitor", parents=[common], help="latency, throughput, errors and input drift of a served run "
+                       "from its request log: a terminal summary, an offline HTML page and a verdict")
+    p.add_argument("log", type=path, help="the request log `tunesmith serve` writes (RUN/serve/requests.sqlite)")
+    p.add_argument("--run", type=path, default=None, help="the served run, whose training rows the inputs are "
+                   "compared with (default: the run folder holding LOG)")
+    p.add_argument("--out", type=path, default=None, help="the HTML page (default monitor.html beside LOG)")
+    p.add_argument("--since", type=iso_time, default=None, metavar="ISO",
+                   help="only requests received at or after this time, e.g. 2026-05-01T12:00 (UTC unless it says)")
+    p.add_argument("--window", type=positive_float, default=None, metavar="MIN",
+                   help="minutes per time window in the charts (default: ≤ 24 windows over the log)")
 
     sub.add_parser("methods", parents=[common], help=f"list training methods ({', '.join(REGISTRY)})")
     return parser
@@ -450,6 +461,31 @@ def cmd_retrain(args) -> int:
     return 0
 
 
+def iso_time(text: str) -> float:
+    """An argparse type: an ISO 8601 time (UTC unless it names an offset) as unix seconds."""
+    from datetime import datetime, timezone
+
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time; write e.g. 2026-05-01T12:00 or "
+                                         "2026-05-01T12:00+02:00") from None
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def cmd_monitor(args) -> int:
+    """Summarize a request log and write the monitoring page; the verdict ends the summary."""
+    from tunesmith.artifacts import check_output
+    from tunesmith.monitor import format_summary, monitor, write_html
+
+    out = check_output(args.out or Path(args.log).parent / "monitor.html", "--out", inputs=[args.log])
+    _quiet_libraries()
+    report = monitor(args.log, args.run, since=args.since, window_min=args.window)
+    print(format_summary(report))
+    print(f"page: {write_html(report, out)}")
+    return 0
+
+
 def cmd_methods(args) -> int:
     """Every method and adapter, each parameter with its type, default and meaning (from the recipe schema)."""
     from tunesmith.methods import REGISTRY
@@ -473,4 +509,4 @@ def cmd_methods(args) -> int:
 COMMANDS = {"init": cmd_init, "validate": cmd_validate, "train": cmd_train, "data": cmd_data,
             "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "score": cmd_score, "report": cmd_report,
             "review": cmd_review, "export": cmd_export, "compare": cmd_compare, "predict": cmd_predict,
-            "methods": cmd_methods, "retrain": cmd_retrain}
+            "methods": cmd_methods, "monitor": cmd_monitor, "retrain": cmd_retrain}

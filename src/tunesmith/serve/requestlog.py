@@ -118,13 +118,17 @@ class RequestLog:
 
 
 def _connect_read_only(path: str | Path) -> sqlite3.Connection:
-    """A read-only connection; a TunesmithError naming the file when it is missing or not a request log."""
+    """A connection that only reads (query_only); a TunesmithError naming the file when it is missing or is not
+    a request log."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise TunesmithError(f"{path}: no such request log" if not path.exists() else f"{path}: not a file",
                              "give the SQLite file `tunesmith serve` writes (RUN/serve/requests.sqlite)")
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    # mode=rw (never creates the file; read-only media open read-only) rather than mode=ro: as the last connection,
+    # it removes the -wal and -shm files SQLite makes beside the log, where a read-only one would leave them
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True)
     try:
+        conn.execute("PRAGMA query_only = 1")
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "requests" not in tables:
             raise TunesmithError(f"{path}: a SQLite file without a `requests` table — not a request log",
