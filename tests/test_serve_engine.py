@@ -247,3 +247,12 @@ def test_adapters_load_only_beside_a_lora_run_of_the_same_base(runs, tiny_model_
     with pytest.raises(RunError, match="must share their base model"):
         engine.load_adapter("other", other_base)
     assert engine.adapters == []
+
+
+def test_a_failing_prompt_ends_only_its_own_request(served):
+    ids = prompt_ids(served.tokenizer, PROMPTS[2])
+    good = served.submit(GenRequest(ids, 16))
+    next(iter(good), None)
+    bad = served.submit(GenRequest([len(served.tokenizer) + 10], 4)).wait(30)  # no such token: the embedding fails
+    assert bad.finish_reason == "error" and "IndexError" in bad.error and bad.completion_tokens == 0
+    assert good.wait(30).finish_reason == "length" and good.token_ids == alone(served.loaded, ids, 16)

@@ -299,7 +299,7 @@ class Engine:
             raise RunError(f"{run.root}: a `{adapter or manifest.get('saved')}` run can't be served beside another "
                            "adapter", f"only {' and '.join(MIXABLE)} runs (without DoRA) mix in one batch; serve "
                                       "this run on its own")
-        if (adapter == "qlora") != bool(getattr(self.model, "is_loaded_in_4bit", False)):
+        if (adapter == "qlora") != (getattr(self.model.config, "quantization_config", None) is not None):
             raise RunError(f"{run.root}: a `{adapter}` adapter needs a "
                            f"{'4-bit' if adapter == 'qlora' else 'full-precision'} base, and the served one isn't",
                            "serve qlora runs beside qlora runs and lora runs beside lora runs")
@@ -330,19 +330,28 @@ class Engine:
                     fresh = [self._waiting.popleft() for _ in range(min(len(self._waiting),
                                                                         self.max_batch - len(self._seqs)))]
                     self._fresh = fresh  # still counted as in flight by unload_adapter
-                try:
-                    if fresh:
-                        self._prefill(fresh)
-                    if self._seqs:
-                        self._decode()
-                except Exception as exc:  # a failed forward pass ends the batch it ran, not the engine
-                    for seq in fresh + self._seqs:
-                        if not seq.stream.done:
-                            seq.stream._finish("error", f"{type(exc).__name__}: {exc}")
-                    self._drop_all()
+                if fresh:
+                    self._guarded(lambda: self._prefill(fresh), fresh)  # a failure ends only the new requests
+                if self._seqs:
+                    self._guarded(self._decode, self._seqs)
                 with self._cv:
                     self._fresh = []
                     self._cv.notify_all()
+
+    def _guarded(self, step, affected: list[_Seq]) -> None:
+        """Run a prefill or decode step; when it raises, its requests end with finish_reason "error" (and the
+        whole running batch, when the step had already touched the batch's cache)."""
+        try:
+            step()
+        except Exception as exc:  # a failed forward pass ends the requests it ran, not the engine
+            with self._cv:
+                self._fresh = []
+                if any(seq in self._seqs for seq in affected):
+                    affected = affected + self._seqs
+                    self._drop_all()
+                for seq in affected:
+                    if not seq.stream.done:
+                        seq.stream._finish("error", f"{type(exc).__name__}: {exc}")
 
     def _expire_waiting(self) -> None:
         now = time.monotonic()
