@@ -20,9 +20,9 @@ CHATS = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                        {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(20)]
 
 
-def train_chat_run(folder: Path, model_dir: Path) -> Path:
-    """A tiny random-Llama LoRA run on CHATS (16 training rows, 4 held out), trained for 2 steps."""
-    write_jsonl(folder / "train.jsonl", CHATS)
+def train_chat_run(folder: Path, model_dir: Path, rows: list[dict] = CHATS) -> Path:
+    """A tiny random-Llama LoRA run on `rows` (CHATS: 16 training rows, 4 held out), trained for 2 steps."""
+    write_jsonl(folder / "train.jsonl", rows)
     settings = {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3, "max_seq_len": 64, "log_every": 1, "seed": 7}
     (folder / "recipe.yaml").write_text("\n".join([
         f"model: {{name: {model_dir}}}", "data: {train: train.jsonl, validation_fraction: 0.2}",
@@ -43,8 +43,9 @@ def chat(question: str) -> list[dict]:
 def make_log(path: Path, validation_question: str) -> None:
     """A log with every case from-log tells apart (with content, except the request `nocontent`)."""
     def request(log, rid, question, answer, **more):
-        log.record({"id": rid, "endpoint": "chat.completions", "model": "run", "status": 200, "prompt": chat(question),
-                    "answer": answer, "input_chars": len(question), **more})
+        row = {"id": rid, "endpoint": "chat.completions", "model": "run", "status": 200, "prompt": chat(question),
+               "answer": answer, "input_chars": len(question), **more}
+        log.record({**row, "prompt": question} if row["endpoint"] == "completions" else row)
 
     with RequestLog(path, log_content=True) as log:
         request(log, "up", "What is the capital of France?", "Paris.")
@@ -55,9 +56,11 @@ def make_log(path: Path, validation_question: str) -> None:
         request(log, "dup-new", "What is the capital of France?", "Paris.")  # the same as `up`
         request(log, "failed", "Hello?", None, status=429, error_code="rate_limit_exceeded")
         request(log, "no-feedback", "Unrated question?", "Unrated answer.")
+        request(log, "completion", "Once upon a", " time.", endpoint="completions")
         for rid, rating, correction in [("up", "up", None), ("corrected", "down", "7 times 6 is 42."),
                                         ("down", "down", None), ("dup-train", "up", None), ("leaked", "up", None),
-                                        ("dup-new", "up", None), ("failed", "up", None)]:
+                                        ("dup-new", "up", None), ("failed", "up", None), ("completion", "up", None),
+                                        ("corrected", "up", None), ("corrected", None, "7 times 6 is 42.")]:
             assert log.feedback(rid, rating, correction)
     with RequestLog(path, log_content=False) as log:  # a server without --log-content
         request(log, "nocontent", "What is 9 plus 1?", "10.")
@@ -87,7 +90,8 @@ def test_from_log_writes_the_upvoted_and_corrected_rows_and_rejects_the_rest(cha
         {"messages": [*chat("What is 7 times 6?"), {"role": "assistant", "content": "7 times 6 is 42."}],
          "request_id": "corrected"}]
     rejects = {r["request_id"]: r for r in rows_of(tmp_path / "new.rejects.jsonl")}
-    assert sorted(rejects) == ["down", "dup-new", "dup-train", "failed", "leaked", "nocontent"]
+    assert sorted(rejects) == ["completion", "down", "dup-new", "dup-train", "failed", "leaked", "nocontent"]
+    assert rejects["completion"]["reason"].startswith("not a conversation: a completions request continues raw text")
     assert rejects["down"]["reason"] == "not used: downvoted without a correction"
     assert rejects["nocontent"]["reason"].startswith("no logged content: the server ran without --log-content")
     assert rejects["failed"]["reason"] == "failed request: status 429 (rate_limit_exceeded)"
@@ -95,7 +99,7 @@ def test_from_log_writes_the_upvoted_and_corrected_rows_and_rejects_the_rest(cha
     assert rejects["dup-train"]["reason"].startswith("duplicate: exactly a training row of the run at ")
     assert rejects["dup-new"]["reason"] == "duplicate: exactly the row of request up"
     assert rejects["dup-new"]["row"]["messages"][1]["content"] == "Paris."  # the row it would have made is kept
-    assert "9 requests logged, 8 with feedback: 2 chat rows written, 6 rejected" in printed
+    assert "10 requests logged, 9 with feedback: 2 chat rows written, 7 rejected" in printed
     assert "rejected — duplicate: 2" in printed and "rejected — no logged content: 1" in printed
 
     # --include up: the correction is not used, and says so
@@ -106,7 +110,7 @@ def test_from_log_writes_the_upvoted_and_corrected_rows_and_rejects_the_rest(cha
     assert not list(tmp_path.glob(".*"))  # no temporary left behind
 
 
-def test_classify_requests_become_labelled_rows():
+def test_rows_take_the_runs_kind():
     request = {"id": "clf-1", "endpoint": "classify", "status": 200, "prompt": ["great film", "dull film"],
                "prediction": [{"label": "pos", "probability": 0.9}, {"label": "pos", "probability": 0.6}]}
     labels = ["neg", "pos"]
@@ -128,6 +132,14 @@ def test_classify_requests_become_labelled_rows():
                    "prompt": [{"role": "system", "content": "Label it."}, *chat("awful")], "answer": " neg "}
     assert feedback_rows(chat_answer, {"rating": "up"}, INCLUDE, "classification", labels, "Label it.") == \
         [{"text": "awful", "label": "neg"}]
+    asked = {"id": "c2", "endpoint": "chat.completions", "status": 200, "prompt": chat("Sum 2 and 2."), "answer": "5"}
+    assert feedback_rows(asked, {"rating": "down", "correction": "4"}, INCLUDE, "instruction", None, None) == \
+        [{"instruction": "Sum 2 and 2.", "input": "", "output": "4"}]
+    long_chat = {**asked, "prompt": [*chat("Hi."), {"role": "assistant", "content": "Hello."}, *chat("Sum 2 and 2.")]}
+    with pytest.raises(RowRejected, match=r"not one question: .* 3 messages \(user, assistant, user\)"):
+        feedback_rows(long_chat, {"rating": "up"}, INCLUDE, "instruction", None, None)
+    assert feedback_rows(long_chat, {"rating": "up"}, INCLUDE, "chat", None, None) == \
+        [{"messages": [*long_chat["prompt"], {"role": "assistant", "content": "5"}]}]
 
 
 def results(diff: float, low: float, high: float) -> dict:
@@ -196,3 +208,22 @@ def test_the_new_run_is_named_after_the_first_free_retrain_number(tmp_path):
     (tmp_path / "run-retrain-1").mkdir()
     (tmp_path / "run-retrain-2-data").mkdir()  # a data folder left by a retrain that stopped counts as taken
     assert next_run_name(tmp_path / "run") == tmp_path / "run-retrain-3"
+
+
+def test_retrain_of_a_classification_run_compares_accuracy(tmp_path, tiny_model_dir, capsys):
+    rows = [{"text": f"review number {i} was {'great' if i % 2 else 'awful'}", "label": "pos" if i % 2 else "neg"}
+            for i in range(20)]
+    run = train_chat_run(tmp_path, tiny_model_dir, rows)
+    write_jsonl(tmp_path / "new.jsonl", [{"text": "a truly great film", "label": "pos"},
+                                         {"text": "an awful, dull film", "label": "neg"}])
+    write_jsonl(tmp_path / "bad.jsonl", [{"text": "a fine film", "label": "meh"}])
+    assert main(["retrain", str(run), "--add", str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl: 1 of 1 rows can't be read as classification rows (first: line 1: label not in the label " \
+           "set: 'meh'" in capsys.readouterr().err
+    assert main(["retrain", str(run), "--add", str(tmp_path / "new.jsonl"), "--out", str(tmp_path / "next")]) == 0
+    verdict = json.loads((tmp_path / "next" / "promotion.json").read_text())
+    held_out = rows_of(run / "data" / "validation.jsonl")
+    assert verdict["primary_metric"] == "accuracy" and verdict["rows"] == len(held_out) == 4
+    assert [r["data"] for r in rows_of(tmp_path / "next" / "data" / "train.jsonl")][-2:] == \
+        [{"text": "a truly great film", "label": "pos"}, {"text": "an awful, dull film", "label": "neg"}]
+    assert verdict["verdict"] == ("PROMOTE" if verdict["diff"] > 0 and verdict["ci_low"] >= 0 else "KEEP")

@@ -111,7 +111,10 @@ def feedback_rows(request: dict[str, Any] | None, feedback: dict[str, Any], incl
         raise RowRejected(f"failed request: status {request['status']} ({request.get('error_code')})")
     if request.get("endpoint") == "classify":
         return classify_rows(request, correction if chosen == "correction" else None, kind, labels)
-    if request.get("endpoint") not in ("chat.completions", "completions"):
+    if request.get("endpoint") == "completions":
+        raise RowRejected("not a conversation: a completions request continues raw text without the run's chat "
+                          "template; only chat.completions and classify requests make rows")
+    if request.get("endpoint") != "chat.completions":
         raise RowRejected(f"no answer to learn from: a {request.get('endpoint')} request")
     if request.get("prompt") is None or (chosen == "up" and request.get("answer") is None):
         raise RowRejected(NO_CONTENT)
@@ -121,14 +124,10 @@ def feedback_rows(request: dict[str, Any] | None, feedback: dict[str, Any], incl
 
 
 def served_messages(prompt: Any, system_prompt: str | None) -> list[dict[str, Any]]:
-    """The conversation a request asked about: chat messages as sent (a leading system message equal to the run's
-    own `data.system_prompt` left out, as training rows hold it), or a completion prompt as one user message."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
+    """The conversation a chat request asked about, as sent (a leading system message equal to the run's own
+    `data.system_prompt` left out: training rows hold it that way)."""
     if not isinstance(prompt, list) or not all(isinstance(m, dict) for m in prompt):
-        raise RowRejected("not one conversation: the logged prompt is neither chat messages nor one text")
+        raise RowRejected("not a conversation: the logged prompt is not a list of chat messages")
     if prompt and prompt[0].get("role") == "system" and system_prompt and prompt[0].get("content") == system_prompt:
         prompt = prompt[1:]
     return [dict(m) for m in prompt]
