@@ -182,7 +182,7 @@ def test_retrain_trains_on_the_runs_rows_plus_the_new_ones_and_compares_paired(t
                                                                       "train.jsonl").resolve())
     verdict = json.loads((new / "promotion.json").read_text())
     assert verdict["primary_metric"] == "rougeL" and verdict["rows"] == 4 and verdict["added_rows"] == 3
-    assert verdict["current"] == str(run) and verdict["new"] == str(new)
+    assert verdict["current"] == str(run) and verdict["new"] == str(new) and verdict["adapter"] is True
     evaluated = json.loads((new / "eval" / "promotion" / "results.json").read_text())
     assert set(evaluated["metrics"]) == {"tuned", "run"}
     paired = next(d for d in evaluated["differences"] if d["metric"] == "rougeL")
@@ -227,3 +227,14 @@ def test_retrain_of_a_classification_run_compares_accuracy(tmp_path, tiny_model_
     assert [r["data"] for r in rows_of(tmp_path / "next" / "data" / "train.jsonl")][-2:] == \
         [{"text": "a truly great film", "label": "pos"}, {"text": "an awful, dull film", "label": "neg"}]
     assert verdict["verdict"] == ("PROMOTE" if verdict["diff"] > 0 and verdict["ci_low"] >= 0 else "KEEP")
+
+
+def test_a_promoted_adapter_is_put_into_service_with_vllms_load_endpoint():
+    from tunesmith.serve.loop import verdict_text
+
+    found = {**decide(results(0.1, 0.02, 0.2), Path("run"), Path("runs/run-retrain-1"), 3), "adapter": True}
+    text = verdict_text(found)
+    assert "POST http://127.0.0.1:8000/v1/load_lora_adapter" in text
+    assert f'{{"lora_name": "run-retrain-1", "lora_path": "{Path("runs/run-retrain-1").resolve()}"}}' in text
+    assert "restart `tunesmith serve runs/run-retrain-1`" in verdict_text({**found, "adapter": False})
+    assert "load_lora_adapter" not in verdict_text(decide(results(-0.1, -0.2, 0.0), Path("run"), Path("new"), 3))

@@ -379,7 +379,7 @@ def promotion(current: Path, new: Path, validation: Path, added: int, options: R
               echo: Callable[[str], None]) -> dict[str, Any]:
     """Evaluate `new` against `current` on the held-out rows, as `tunesmith eval NEW --data VALIDATION --against
     CURRENT` does; decide, print and write NEW/promotion.json."""
-    from tunesmith.artifacts import write_json
+    from tunesmith.artifacts import RunDir, write_json
     from tunesmith.evaluation.runner import EvalOptions, evaluate_run
 
     results = evaluate_run(new, EvalOptions(data=str(validation), against=(str(current),), limit=options.limit,
@@ -387,6 +387,7 @@ def promotion(current: Path, new: Path, validation: Path, added: int, options: R
                                             forgetting=False, n_resamples=options.n_resamples, seed=options.seed,
                                             name="promotion"), echo=echo)
     verdict = decide(results, current, new, added)
+    verdict["adapter"] = RunDir(new).read_manifest().get("saved") == "adapter"
     write_json(new / "promotion.json", verdict)
     echo(verdict_text(verdict))
     return verdict
@@ -419,7 +420,9 @@ def decide(results: dict[str, Any], current: Path, new: Path, added: int) -> dic
 def verdict_text(verdict: dict[str, Any]) -> str:
     """PROMOTE or KEEP with the reason, and how to put a promoted adapter into service."""
     lines = [f"{verdict['verdict']}: {verdict['reason']}", f"wrote {Path(verdict['new']) / 'promotion.json'}"]
-    if verdict["verdict"] == "PROMOTE":
+    if verdict["verdict"] == "PROMOTE" and not verdict.get("adapter"):
+        lines.append(f"to serve it: restart `tunesmith serve {verdict['new']}` (a full model, not an adapter)")
+    elif verdict["verdict"] == "PROMOTE":
         name = Path(verdict["new"]).name
         lines.append(f"to serve it without a restart: curl -X POST http://127.0.0.1:8000/v1/load_lora_adapter "
                      f"-H 'Content-Type: application/json' -d '{{\"lora_name\": \"{name}\", \"lora_path\": "
