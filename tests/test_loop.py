@@ -1,4 +1,4 @@
-"""The loop back (serve/loop.py): logged requests with feedback become rows in the run's format, through the data
+"""The loop back (loop.py): logged requests with feedback become rows in the run's format, through the data
 check; retrain trains the run's recipe on its own rows plus those, and compares the new run with it, paired."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from conftest import write_jsonl
 from tunesmith.cli import main
 from tunesmith.recipe import load_recipe
 from test_bad_input import snapshot
-from tunesmith.serve.loop import INCLUDE, decide, feedback_rows, next_run_name
+from tunesmith.loop import INCLUDE, decide, feedback_rows, next_run_name
 from tunesmith.serve.requestlog import RequestLog
 from tunesmith.train import train_run
 
@@ -230,7 +230,7 @@ def test_retrain_of_a_classification_run_compares_accuracy(tmp_path, tiny_model_
 
 
 def test_a_promoted_adapter_is_put_into_service_with_vllms_load_endpoint():
-    from tunesmith.serve.loop import verdict_text
+    from tunesmith.loop import verdict_text
 
     found = {**decide(results(0.1, 0.02, 0.2), Path("run"), Path("runs/run-retrain-1"), 3), "adapter": True}
     text = verdict_text(found)
