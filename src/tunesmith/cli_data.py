@@ -223,7 +223,7 @@ def cmd_from_log(args) -> int:
     from pathlib import Path
 
     from tunesmith.artifacts import check_output
-    from tunesmith.serve.loop import from_log, from_log_text, rejects_path, write_from_log
+    from tunesmith.loop import from_log, from_log_text, rejects_path, write_from_log
 
     out = check_output(args.out, "--out", inputs=[args.log, args.run])
     if out.suffix.lower() != ".jsonl":
