@@ -449,7 +449,7 @@ def cmd_retrain(args) -> int:
     """Train the run's recipe on its rows plus --add into a new run, then PROMOTE or KEEP (serve swaps a promoted
     adapter in with POST /v1/load_lora_adapter)."""
     from tunesmith.artifacts import check_output
-    from tunesmith.serve.loop import RetrainOptions, retrain
+    from tunesmith.loop import RetrainOptions, retrain
 
     if args.out:
         check_output(args.out, "--out", inputs=[args.run, args.add], folder=True)
