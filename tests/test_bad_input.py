@@ -148,6 +148,20 @@ def placeholder_run(tmp: Path, name: str = "run") -> str:
     return str(run)
 
 
+HELD: list = []  # sockets kept listening while a case runs
+
+
+def held_port() -> str:
+    """A loopback port something already listens on."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    HELD.append(sock)
+    return str(sock.getsockname()[1])
+
+
 def export_case(id: str, out: Callable[[Path], str], expect: tuple[str, ...], *extra: str) -> Case:
     return Case(id, lambda t: ["export", placeholder_run(t), "--merge", "--out", out(t), *extra], expect)
 
@@ -180,6 +194,22 @@ CLI_CASES: list[Case] = [
          ("argument --max-new-tokens: '0'",)),
     Case("review-port-out-of-range", lambda t: ["review", "run", "base", "--port", "99999"],
          ("argument --port: '99999' is not a port number from 0 to 65535",)),
+    Case("serve-port-out-of-range", lambda t: ["serve", "run", "--port", "99999"],
+         ("argument --port: '99999' is not a port number from 0 to 65535",)),
+    Case("serve-max-waiting-zero", lambda t: ["serve", "run", "--max-waiting", "0"], ("argument --max-waiting: '0'",)),
+    Case("serve-timeout-nan", lambda t: ["serve", "run", "--timeout", "nan"],
+         ("argument --timeout: 'nan' is not a finite number > 0",)),
+    Case("serve-public-host-without-key", lambda t: ["serve", placeholder_run(t), "--host", "0.0.0.0"],
+         ("--host 0.0.0.0: not a loopback address, and no API key", "--api-key-env VAR")),
+    Case("serve-api-key-env-unset", lambda t: ["serve", placeholder_run(t), "--host", "0.0.0.0", "--api-key-env",
+                                               "TUNESMITH_TEST_NO_SUCH_KEY"],
+         ("--api-key-env TUNESMITH_TEST_NO_SUCH_KEY: the environment variable TUNESMITH_TEST_NO_SUCH_KEY is not set",)),
+    Case("serve-adapter-without-a-name", lambda t: ["serve", placeholder_run(t), "--adapter", "runs/other"],
+         ("--adapter 'runs/other': expected NAME=RUN", "e.g. --adapter support=runs/support-lora")),
+    Case("serve-port-in-use", lambda t: ["serve", placeholder_run(t), "--port", held_port()],
+         ("can't listen there", "choose another --port")),
+    Case("serve-adapter-name-twice", lambda t: ["serve", placeholder_run(t), "--adapter", "a=x", "--adapter", "a=y"],
+         ("--adapter 'a=y': the name 'a' is given twice",)),
     Case("clean-max-tokens-zero", lambda t: ["data", "clean", labelled(t), "--out", "o.jsonl", "--max-tokens", "0"],
          ("argument --max-tokens: '0'",)),
     Case("check-max-len-zero", lambda t: ["data", "check", labelled(t), "--max-len", "0"],

@@ -169,6 +169,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=positive_float, default=None, metavar="MIN",
                    help="minutes per time window in the charts (default: ≤ 24 windows over the log)")
 
+    p = sub.add_parser("serve", parents=[common], help="an OpenAI-compatible HTTP server for a run (and adapters "
+                       "of its base), with metrics, a request log and a start-up parity check")
+    p.add_argument("run", type=path, help="run folder written by `tunesmith train`")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN",
+                   help="serve another LoRA run of the same base as model NAME; repeat for several")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs "
+                   "--api-key-env)")
+    p.add_argument("--port", type=port, default=8000, help="port (default 8000; 0 = any free port)")
+    p.add_argument("--api-key-env", default=None, metavar="VAR",
+                   help="environment variable holding the key clients send as `Authorization: Bearer KEY`")
+    p.add_argument("--max-waiting", type=positive_int, default=64, help="requests that may wait for a place in "
+                   "the batch; more are answered 429 (default 64)")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--max-tokens", type=positive_int, default=1024, help="new tokens one request may ask for "
+                   "(default 1024)")
+    p.add_argument("--timeout", type=positive_float, default=None, metavar="S",
+                   help="seconds a generation may take; past it the request is answered 408")
+    p.add_argument("--log", type=path, default=None, help="request log (default RUN/serve/requests.sqlite)")
+    p.add_argument("--log-content", action="store_true", help="keep prompts and answers in the request log "
+                   "(personal data masked)")
+    p.add_argument("--print-vllm", action="store_true", help="write the equivalent `vllm serve` command, the chat "
+                   "template and the parity prompts to RUN/serve/, print the command and exit")
+    p.add_argument("--no-parity", action="store_true", help="skip the start-up check that the served answers equal "
+                   "`tunesmith generate`'s")
+
     sub.add_parser("methods", parents=[common], help=f"list training methods ({', '.join(REGISTRY)})")
     return parser
 
@@ -435,8 +460,14 @@ def cmd_review(args) -> int:
 def cmd_export(args) -> int:
     _quiet_libraries()
     from tunesmith.generate import export_merged
+    from tunesmith.serve.parity import export_parity, require
 
-    out = export_merged(args.run, args.out or Path(args.run) / "merged", overwrite=args.overwrite)
+    def parity(folder: Path) -> None:  # the merged folder answers the run's validation prompts as the run does
+        result = export_parity(args.run, folder)
+        print(result.describe())
+        require(result)
+
+    out = export_merged(args.run, args.out or Path(args.run) / "merged", overwrite=args.overwrite, verify=parity)
     if (out / "tunesmith_classifier.json").exists():
         print(f"wrote merged classifier to {out} (load it with AutoModelForSequenceClassification.from_pretrained; "
               f"{out / 'README.md'} says how to put texts to it)")
@@ -506,7 +537,28 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Serve a run over HTTP (or, with --print-vllm, write the equivalent vLLM command)."""
+    from tunesmith.serve.startup import ServeConfig, api_key, parse_adapters, serve, vllm_command
+
+    config = ServeConfig(run=Path(args.run), adapters=parse_adapters(args.adapter), host=args.host, port=args.port,
+                         api_key=api_key(args.host, args.api_key_env), max_waiting=args.max_waiting,
+                         max_batch=args.max_batch, max_tokens=args.max_tokens, timeout_s=args.timeout,
+                         log=Path(args.log) if args.log else None, log_content=args.log_content,
+                         parity=not args.no_parity)
+    if args.print_vllm:
+        paths = vllm_command(config)
+        print(paths.pop("script"), end="")
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
+        return 0
+    _quiet_libraries()
+    try:
+        return serve(config)
+    except KeyboardInterrupt:
+        return 0
+
+
 COMMANDS = {"init": cmd_init, "validate": cmd_validate, "train": cmd_train, "data": cmd_data,
             "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "score": cmd_score, "report": cmd_report,
             "review": cmd_review, "export": cmd_export, "compare": cmd_compare, "predict": cmd_predict,
-            "methods": cmd_methods, "monitor": cmd_monitor, "retrain": cmd_retrain}
+            "methods": cmd_methods, "serve": cmd_serve, "monitor": cmd_monitor, "retrain": cmd_retrain}

@@ -86,26 +86,51 @@ def _prompting_context(run) -> list[dict[str, str]]:
     return shot_messages(method.prompting(run.root).fixed())
 
 
-def generate(loaded: Loaded, conversations: list[list[dict[str, str]]], max_new_tokens: int = 128,
-             temperature: float = 0.0, batch_size: int = 8) -> list[str]:
-    """Answer each conversation (a list of chat messages ending with a user turn); greedy when temperature is 0."""
-    import torch
-
+def prompt_text(loaded: Loaded, conversation: list[dict[str, str]]) -> str:
+    """The conversation in the run's own chat template (a fewshot run's shots in front), ready for the answer."""
     from tunesmith.methods.fewshot import with_context
 
+    return loaded.tokenizer.apply_chat_template(with_context(conversation, loaded.context), tokenize=False,
+                                                add_generation_prompt=True)
+
+
+def prompt_ids(loaded: Loaded, conversation: list[dict[str, str]]) -> list[int]:
+    """`prompt_text` as the token ids the model reads (the template holds every special token)."""
+    return loaded.tokenizer(prompt_text(loaded, conversation), add_special_tokens=False)["input_ids"]
+
+
+def generate_tokens(loaded: Loaded, conversations: list[list[dict[str, str]]], max_new_tokens: int = 128,
+                    temperature: float = 0.0, batch_size: int = 8) -> list[list[int]]:
+    """The new token ids answering each conversation (up to and including the end-of-turn token, no padding);
+    greedy when temperature is 0."""
+    import torch
+
     tok, answers = loaded.tokenizer, []
+    stops = set(end_of_turn_ids(loaded))
     for start in range(0, len(conversations), batch_size):
-        chunk = conversations[start:start + batch_size]
-        texts = [tok.apply_chat_template(with_context(c, loaded.context), tokenize=False, add_generation_prompt=True)
-                 for c in chunk]
+        texts = [prompt_text(loaded, c) for c in conversations[start:start + batch_size]]
         batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         with torch.inference_mode():
             out = loaded.model.generate(**batch, generation_config=loaded.generation_config,
                                         max_new_tokens=max_new_tokens, **sampling)
-        new = out[:, batch["input_ids"].shape[1]:]
-        answers.extend(tok.decode(row, skip_special_tokens=True).strip() for row in new)
+        for row in out[:, batch["input_ids"].shape[1]:].tolist():
+            ends = [i for i, t in enumerate(row) if t in stops]
+            answers.append(row[:ends[0] + 1] if ends else row)
     return answers
+
+
+def end_of_turn_ids(loaded: Loaded) -> list[int]:
+    """The token ids that end an answer (the run's generation config)."""
+    eos = loaded.generation_config.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def generate(loaded: Loaded, conversations: list[list[dict[str, str]]], max_new_tokens: int = 128,
+             temperature: float = 0.0, batch_size: int = 8) -> list[str]:
+    """Answer each conversation (a list of chat messages ending with a user turn); greedy when temperature is 0."""
+    return [loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            for ids in generate_tokens(loaded, conversations, max_new_tokens, temperature, batch_size)]
 
 
 def chat_loop(loaded: Loaded, read: Callable[[str], str] = input, write: Callable[[str], None] = print,
@@ -136,7 +161,8 @@ def chat_loop(loaded: Loaded, read: Callable[[str], str] = input, write: Callabl
         turns += 1
 
 
-def export_merged(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+def export_merged(path: str | Path, out: str | Path, overwrite: bool = False,
+                  verify: Callable[[Path], None] | None = None) -> Path:
     """Write a standalone model folder (weights, tokenizer, generation config), the adapter merged in; a classify or
     reward run becomes a sequence-classification folder (its method's `export`). Other classifier runs are refused.
 
@@ -144,6 +170,8 @@ def export_merged(path: str | Path, out: str | Path, overwrite: bool = False) ->
     folder, and an existing folder is replaced only with `overwrite` and only when tunesmith exported it (its
     EXPORT_MARKER). The folder is built beside `out` and moved into place when complete. Adapters that can't be
     merged exactly (qlora, prefix, prompt, bottleneck) raise a RunError saying why, before anything is loaded.
+    `verify` (the parity check of `tunesmith export`) is called on a merged language model's complete folder
+    before it is moved into place; what it raises leaves nothing behind.
     """
     from tunesmith.artifacts import staged_dir, write_json
     from tunesmith.methods import REGISTRY
@@ -170,6 +198,9 @@ def export_merged(path: str | Path, out: str | Path, overwrite: bool = False) ->
             loaded.tokenizer.padding_side = "right"
             loaded.tokenizer.save_pretrained(stage)
             loaded.generation_config.save_pretrained(stage)
+            if verify is not None:
+                del loaded  # the merged weights: verify loads the run afresh
+                verify(stage)
         write_json(stage / EXPORT_MARKER, {"tunesmith_export": 1, "run": str(run.root.resolve()),
                                            "method": manifest.get("method"), "adapter": adapter})
     return out
