@@ -378,7 +378,7 @@ class Engine:
             seq.stream.started_at = started
         with self._model_lock:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
-                             past_key_values=cache, use_cache=True, **adapters)
+                             past_key_values=cache, use_cache=True, logits_to_keep=1, **adapters)
         self._join(fresh, out.past_key_values, mask)
         self._advance(out.logits[:, -1, :], first=len(self._seqs) - len(fresh))
 
@@ -391,7 +391,8 @@ class Engine:
         mask = torch.cat([self._mask, self._mask.new_ones((len(self._seqs), 1))], dim=1)
         with self._model_lock:
             out = self.model(input_ids=last, attention_mask=mask, position_ids=_positions(mask)[:, -1:],
-                             past_key_values=self._cache, use_cache=True, **self._adapter_kwargs())
+                             past_key_values=self._cache, use_cache=True, logits_to_keep=1,
+                             **self._adapter_kwargs())
         self._cache, self._mask = out.past_key_values, mask
         self._advance(out.logits[:, -1, :], first=0)
 
