@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -355,3 +356,51 @@ def test_a_request_past_the_timeout_is_answered_408_and_logged(server, runs):
     row = next(r for r in read_requests(runs["tmp"] / "requests.sqlite") if r["id"] == response.headers["x-request-id"])
     assert (row["status"], row["error_code"], row["finish_reason"]) == (408, "timeout", "timeout")
     assert row["e2e_s"] > 0 and row["prompt_tokens"] > 5
+
+
+def test_score_answers_the_scores_tunesmith_score_gives(tmp_path, tiny_model_dir):
+    from test_reward import make_recipe as reward_recipe
+
+    from tunesmith.methods.reward import load_reward_model
+    from tunesmith.serve.app import create_app
+    from tunesmith.serve.requestlog import RequestLog
+    from tunesmith.serve.startup import ServeConfig, load_served
+    from tunesmith.train import train_run
+
+    recipe = reward_recipe(tmp_path, tiny_model_dir, max_steps=2)
+    train_run(recipe, echo=lambda _: None)
+    replies = ["Yes, gladly: cats are nice.", "No. cats."]
+    app = create_app(load_served(ServeConfig(recipe.output.dir), lambda s: None), RequestLog(tmp_path / "log.sqlite"))
+    url, stop = start_server(app)
+    name = Path(recipe.output.dir).name
+    try:
+        by_prompt = httpx.post(f"{url}/v1/score", json={"model": name, "prompt": "Tell me about cats.",
+                                                        "responses": replies}).json()
+        by_messages = httpx.post(f"{url}/v1/score", json={"model": name, "responses": replies, "messages": [
+            {"role": "user", "content": "Tell me about cats."}]}).json()
+        both = httpx.post(f"{url}/v1/score", json={"model": name, "prompt": "x", "responses": replies,
+                                                   "messages": [{"role": "user", "content": "x"}]})
+    finally:
+        stop()
+    prompt = [{"role": "user", "content": "Tell me about cats."}]
+    expected = load_reward_model(recipe.output.dir).score([prompt, prompt], replies)
+    assert [d["score"] for d in by_prompt["data"]] == expected == [d["score"] for d in by_messages["data"]]
+    assert both.status_code == 400 and both.json()["error"]["param"] == "prompt"
+
+
+def test_a_client_that_leaves_a_stream_cancels_its_request(server, runs):
+    from tunesmith.serve.requestlog import read_requests
+
+    url, _, _ = server
+    body = {"model": "main", "messages": QUESTION, "max_tokens": 60, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        request_id = response.headers["x-request-id"]
+        next(response.iter_lines())  # the first chunk, then hang up
+    deadline = time.monotonic() + 20
+    rows = []
+    while time.monotonic() < deadline and not rows:
+        rows = [r for r in read_requests(runs["tmp"] / "requests.sqlite") if r["id"] == request_id]
+        time.sleep(0.1)
+    assert rows and rows[0]["status"] == 499 and rows[0]["error_code"] == "client_closed"
+    assert rows[0]["completion_tokens"] < 60

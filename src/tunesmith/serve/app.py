@@ -93,7 +93,8 @@ def create_app(served: Served, request_log, options: ServeOptions | None = None,
     """The FastAPI app answering for `served`; `request_log` is a requestlog.RequestLog. Ready once
     `app.state.ready` is set (after the parity check)."""
     options = options or ServeOptions()
-    app = FastAPI(title="tunesmith serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="tunesmith serve", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=_threads_for(served))
     app.state.served, app.state.log, app.state.options = served, request_log, options
     app.state.metrics = metrics or Metrics()
     app.state.ready = False
@@ -101,6 +102,24 @@ def create_app(served: Served, request_log, options: ServeOptions | None = None,
     _routes(app)
     app.add_middleware(_Gate, app_ref=app)
     return app
+
+
+def _threads_for(served: Served):
+    """A lifespan giving the thread pool room for every request the engine holds (each waits for its answer in a
+    thread), beside the requests that do not generate."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        import anyio.to_thread
+
+        engine = served.engine
+        if engine is not None:
+            limiter = anyio.to_thread.current_default_thread_limiter()
+            limiter.total_tokens = max(limiter.total_tokens, engine.max_batch + engine.max_waiting + 16)
+        yield
+
+    return lifespan
 
 
 def _record(app: FastAPI, row: dict[str, Any]) -> None:
@@ -297,7 +316,7 @@ def _routes(app: FastAPI) -> None:
 
         _start(request, body.model, input_chars=sum(map(len, body.input)), prompt=body.input)
         _model_of_kind(app, body.model, "classify")
-        probabilities = await run_in_threadpool(_locked, served, served.predict, served.run, body.input)
+        probabilities = await run_in_threadpool(_locked, served, _quietly(served.predict), served.run, body.input)
         answers = [ranked(p, len(p)) for p in probabilities]
         row = _start(request, prediction=[{"label": a["label"], "probability": a["probability"]} for a in answers])
         data = [{"index": i, "label": a["label"], "probability": a["probability"], "probs": p}
@@ -353,6 +372,11 @@ def _routes(app: FastAPI) -> None:
 def _locked(served: Served, fn, *args):
     with served.lock:
         return fn(*args)
+
+
+def _quietly(predict):
+    """A run's `predict` without its progress bar (one per request would fill the server's terminal)."""
+    return lambda run, texts: predict(run, texts, progress=lambda n: None)
 
 
 def _tunesmith_call(fn, *args):

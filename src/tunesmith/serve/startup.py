@@ -224,7 +224,8 @@ def vllm_command(config: ServeConfig) -> dict[str, Path]:
                            f"merge it with `tunesmith export {run.root} --merge` and serve the merged folder")
         base = manifest["base_model"].get("resolved") or manifest["base_model"]["name"]
         modules = {name: run.adapter, **{n: open_run(p).adapter for n, p in config.adapters.items()}}
-        lines += [["vllm", "serve", str(base)], ["--enable-lora"], ["--max-lora-rank", str(_max_rank(modules.values()))],
+        lines += [["vllm", "serve", str(base)], ["--enable-lora"],
+                  ["--max-lora-rank", str(_max_rank(modules.values()))],
                   ["--lora-modules", *(f"{n}={p}" for n, p in modules.items())],
                   ["--served-model-name", f"{name}-base"]]
     elif manifest.get("saved") == "none":
