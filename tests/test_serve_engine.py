@@ -205,10 +205,10 @@ def test_two_adapters_in_one_batch_answer_as_each_alone(served, runs):
     ids = [prompt_ids(tok, p) for p in PROMPTS]
     names = [None, "b", "b", None]
     streams = staggered(served, [GenRequest(i, 8, adapter=n) for i, n in zip(ids, names)])
-    loaded_b = load_run(runs["b"])
-    expected = [alone(loaded_b if n else served.loaded, i) for i, n in zip(ids, names)]
+    loaded = {None: load_run(runs["a"]), "b": load_run(runs["b"])}  # each run on its own, no other adapter loaded
+    expected = [alone(loaded[n], i) for i, n in zip(ids, names)]
     assert [s.token_ids for s in streams] == expected
-    assert expected[0] != alone(loaded_b, ids[0])  # the two adapters answer differently
+    assert expected[0] != alone(loaded["b"], ids[0])  # the two adapters answer differently
     with pytest.raises(RunError, match="already loaded"):
         served.load_adapter("b", runs["b"])
 
@@ -231,7 +231,7 @@ def test_unloading_waits_for_its_requests_and_fails_no_other(served, runs):
     assert unloaded.is_set() and on_b.done and on_a.done
     assert (on_b.finish_reason, on_a.finish_reason) == ("length", "length")
     assert on_b.token_ids == alone(load_run(runs["b"]), ids, 24)
-    assert on_a.token_ids == alone(served.loaded, ids, 24)
+    assert on_a.token_ids == alone(load_run(runs["a"]), ids, 24)
     assert served.adapters == [] and "b" not in served.model.peft_config
     assert served.submit(GenRequest(ids, 8)).wait(30).token_ids == alone(served.loaded, ids)  # served as before
 
@@ -256,3 +256,19 @@ def test_a_failing_prompt_ends_only_its_own_request(served):
     bad = served.submit(GenRequest([len(served.tokenizer) + 10], 4)).wait(30)  # no such token: the embedding fails
     assert bad.finish_reason == "error" and "IndexError" in bad.error and bad.completion_tokens == 0
     assert good.wait(30).finish_reason == "length" and good.token_ids == alone(served.loaded, ids, 16)
+
+
+def test_generation_settings_the_engine_does_not_apply_are_refused(runs):
+    from dataclasses import replace
+
+    from transformers import GenerationConfig
+
+    from tunesmith.errors import ModelError
+    from tunesmith.generate import load_run
+
+    loaded = load_run(runs["a"])
+    config = GenerationConfig(eos_token_id=2, repetition_penalty=1.3)
+    with pytest.raises(ModelError, match=r"sets repetition_penalty=1.3, which the batching engine does not apply"):
+        Engine(replace(loaded, generation_config=config))
+    engine = Engine(replace(loaded, generation_config=GenerationConfig(eos_token_id=[2, 7])))
+    assert engine.stop_ids == {2, 7}  # an int or a list of end-of-turn ids

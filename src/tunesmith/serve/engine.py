@@ -187,6 +187,7 @@ class Engine:
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.stop_ids = _eos_ids(loaded)
         _check_batchable(self.model)
+        _check_generation_config(loaded.generation_config)
         self._extra: dict[str, str] = {}  # adapter name -> run folder, loaded beside the served run
         self._unloading: set[str] = set()
         self._waiting: deque[_Seq] = deque()
@@ -288,9 +289,11 @@ class Engine:
         from tunesmith.artifacts import open_run
         from tunesmith.methods.adapters import run_adapter
 
-        if not hasattr(self.model, "peft_config") or SERVED not in self.model.peft_config:
+        own = getattr(self.model, "peft_config", {}).get(SERVED)
+        if own is None or own.peft_type != "LORA" or getattr(own, "use_dora", False):
             raise RunError("the served run is not a LoRA adapter run, so other adapters can't be loaded beside it",
-                           "serve a run trained with `adapter: lora` to serve several adapters of its base")
+                           "serve a run trained with `adapter: lora` (or qlora; not DoRA) to serve several "
+                           "adapters of its base")
         run = open_run(run_path)
         manifest = run.read_manifest()
         adapter = run_adapter(run, manifest).adapter if manifest.get("saved") == "adapter" else None
@@ -303,7 +306,7 @@ class Engine:
             raise RunError(f"{run.root}: a `{adapter}` adapter needs a "
                            f"{'4-bit' if adapter == 'qlora' else 'full-precision'} base, and the served one isn't",
                            "serve qlora runs beside qlora runs and lora runs beside lora runs")
-        served = self.model.peft_config[SERVED].base_model_name_or_path
+        served = own.base_model_name_or_path
         bm = manifest.get("base_model") or {}
         if served not in (bm.get("resolved"), bm.get("name"), config.get("base_model_name_or_path")):
             raise RunError(f"{run.root}: trained on {bm.get('name')!r}, the served run on {served!r}",
@@ -496,6 +499,25 @@ def _check_batchable(model) -> None:
     if kinds - {DynamicLayer.__name__}:
         raise ModelError(f"the batching engine needs full-attention cache layers; this model uses "
                          f"{', '.join(sorted(kinds))}", "use `tunesmith generate` for this model")
+
+
+# settings of a run's generation config that change greedy answers, which the engine does not apply: refused, so
+# that the served answers never silently differ from `tunesmith generate`'s
+UNSUPPORTED = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+               "bad_words_ids": None, "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+               "forced_bos_token_id": None, "forced_eos_token_id": None, "min_length": 0, "min_new_tokens": None,
+               "num_beams": 1}
+
+
+def _check_generation_config(config) -> None:
+    """A ModelError naming the settings of the run's generation_config.json that the engine would not apply."""
+    found = {k: getattr(config, k) for k, default in UNSUPPORTED.items() if getattr(config, k, default) not in
+             (default, None, [], {})}
+    if found:
+        listed = ", ".join(f"{k}={v!r}" for k, v in found.items())
+        raise ModelError(f"the run's generation_config.json sets {listed}, which the batching engine does not apply "
+                         "(its answers would differ from `tunesmith generate`'s)",
+                         "remove these settings from the run's generation_config.json to serve it")
 
 
 def _adapter_config(run) -> dict:
