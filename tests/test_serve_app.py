@@ -404,3 +404,28 @@ def test_a_client_that_leaves_a_stream_cancels_its_request(server, runs):
         time.sleep(0.1)
     assert rows and rows[0]["status"] == 499 and rows[0]["error_code"] == "client_closed"
     assert rows[0]["completion_tokens"] < 60
+
+
+def test_serve_refuses_to_start_when_the_served_answers_differ(runs, monkeypatch, capsys):
+    """The start-up check wired to the command: an engine answering other tokens stops `tunesmith serve` with
+    exit 2, naming the prompt and the token where the answers part; the port is free again afterwards."""
+    from tunesmith.serve import parity
+    from tunesmith.serve.startup import bind
+
+    real = parity.engine_answer
+
+    def off_by_one(engine, loaded, max_new_tokens=parity.MAX_NEW_TOKENS):
+        answer = real(engine, loaded, max_new_tokens)
+        return lambda prompts: [ids[:2] + [ids[2] + 1] + ids[3:] for ids in answer(prompts)]
+
+    monkeypatch.setattr(parity, "engine_answer", off_by_one)
+    port = bind("127.0.0.1", 0)
+    number = port.getsockname()[1]
+    port.close()
+    code = main(["serve", str(runs["main"]), "--port", str(number), "--log", str(runs["tmp"] / "refused.sqlite")])
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err
+    assert "parity: 0/3 validation prompts answered with identical tokens" in err
+    assert "prompt 1: differs at token 2" in err and "--no-parity" in err
+    assert not (runs["tmp"] / "refused.sqlite").exists()
+    bind("127.0.0.1", number).close()

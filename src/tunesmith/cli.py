@@ -464,8 +464,8 @@ def cmd_export(args) -> int:
 
     def parity(folder: Path) -> None:  # the merged folder answers the run's validation prompts as the run does
         result = export_parity(args.run, folder)
+        require(result)  # the differences, as the error
         print(result.describe())
-        require(result)
 
     out = export_merged(args.run, args.out or Path(args.run) / "merged", overwrite=args.overwrite, verify=parity)
     if (out / "tunesmith_classifier.json").exists():

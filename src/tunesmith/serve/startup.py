@@ -157,8 +157,8 @@ def check_served_parity(served, echo: Callable[[str], None] = print) -> None:
         echo("parity: the run holds no validation prompts answered in text; not checked")
         return
     result = check_parity(served.loaded, engine_answer(served.engine, served.loaded), prompts, "served engine")
+    require(result)  # the differences, as the error
     echo(result.describe())
-    require(result)
 
 
 def serve(config: ServeConfig, echo: Callable[[str], None] = print) -> int:
