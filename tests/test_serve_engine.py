@@ -35,11 +35,13 @@ def lively_model_dir(tmp_path_factory, tokenizer):
     return folder
 
 
-def lora_run(folder, model_dir, seed: int):
-    """A two-step LoRA run; a large learning rate so that two runs answer differently."""
+def lora_run(folder, model_dir, seed: int, method: dict | None = None):
+    """A two-step LoRA run (or `method`); a large learning rate so that two runs answer differently."""
     rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                           {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(20)]
-    recipe = make_recipe(folder, model_dir, rows, method={"adapter": "lora", "lora": {"r": 4}}, seed=seed,
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe = make_recipe(folder, model_dir, rows, method=method or {"adapter": "lora", "lora": {"r": 4}},
+                         seed=seed,
                          learning_rate=0.05, data={"check": {"enabled": False}, "validation_fraction": 0},
                          eval={"loss_before": False})
     train_run(recipe, echo=lambda s: None)
@@ -236,17 +238,24 @@ def test_unloading_waits_for_its_requests_and_fails_no_other(served, runs):
     assert served.submit(GenRequest(ids, 8)).wait(30).token_ids == alone(served.loaded, ids)  # served as before
 
 
-def test_adapters_load_only_beside_a_lora_run_of_the_same_base(runs, tiny_model_dir, tmp_path):
+def test_adapters_load_only_beside_a_lora_run_of_the_same_base(runs, lively_model_dir, tiny_model_dir, tmp_path):
+    from tunesmith.errors import ModelError
     from tunesmith.generate import load_run
 
     base_engine = Engine(load_run(runs["a"], base=True))
     with pytest.raises(RunError, match="not a LoRA adapter run"):
         base_engine.load_adapter("b", runs["b"])
-    other_base = lora_run(tmp_path, tiny_model_dir, seed=7)
+    other_base = lora_run(tmp_path / "other", tiny_model_dir, seed=7)
     engine = Engine(load_run(runs["a"]))
     with pytest.raises(RunError, match="must share their base model"):
         engine.load_adapter("other", other_base)
+    prefix = lora_run(tmp_path / "prefix", lively_model_dir, seed=7,
+                      method={"adapter": "prefix", "prefix": {"num_virtual_tokens": 4}})
+    with pytest.raises(RunError, match="a `prefix` run can't be served beside another adapter"):
+        engine.load_adapter("prefix", prefix)
     assert engine.adapters == []
+    with pytest.raises(ModelError, match="prefix and prompt tuning adapters"):
+        Engine(load_run(prefix))
 
 
 def test_a_failing_prompt_ends_only_its_own_request(served):
