@@ -134,7 +134,8 @@ def test_stop_strings_cut_the_text_and_never_reach_the_stream(served):
     cut.wait(30)
     assert cut.text == full.text[:full.text.find(stop)] and cut.finish_reason == "stop"
     assert "".join(e.text for e in events) == cut.text
-    assert [t for e in events for t in e.token_ids] == cut.token_ids[:len([t for e in events for t in e.token_ids])]
+    sent = [t for e in events for t in e.token_ids]
+    assert sent == cut.token_ids[:len(sent)] and len(sent) >= 3
     assert cut.completion_tokens < 8
 
 

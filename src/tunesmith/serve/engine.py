@@ -411,9 +411,10 @@ class Engine:
                 finished[row] = reason
         if finished:
             with self._cv:
-                for row, reason in finished.items():
-                    self._seqs[row].stream._finish(reason)
+                done = [(self._seqs[row], reason) for row, reason in finished.items()]
                 self._select([i for i in range(len(self._seqs)) if i not in finished])
+                for seq, reason in done:  # after they left the batch: `running` no longer counts them
+                    seq.stream._finish(reason)
 
     # -- the batch's KV cache ---------------------------------------------------------------------------------------
     def _join(self, fresh: list[_Seq], cache, mask) -> None:
