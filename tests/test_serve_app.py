@@ -429,3 +429,20 @@ def test_serve_refuses_to_start_when_the_served_answers_differ(runs, monkeypatch
     assert "prompt 1: differs at token 2" in err and "--no-parity" in err
     assert not (runs["tmp"] / "refused.sqlite").exists()
     bind("127.0.0.1", number).close()
+
+
+def test_content_parts_and_the_developer_role_read_as_text_and_lone_surrogates_are_refused(server):
+    url, _, _ = server
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    plain = client(url).chat.completions.create(model="main", max_tokens=6, messages=[
+        {"role": "system", "content": "Be brief."}, *QUESTION])
+    parts = client(url).chat.completions.create(model="main", max_tokens=6, messages=[
+        {"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": QUESTION[0]["content"]}]}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
+    surrogate = httpx.post(f"{url}/v1/chat/completions", headers=auth,
+                           content='{"model": "main", "messages": [{"role": "user", "content": "hi \\ud800"}]}')
+    assert surrogate.status_code == 400 and "lone surrogate" in surrogate.json()["error"]["message"]
+    deep = httpx.post(f"{url}/v1/chat/completions", headers=auth, content="[" * 20_000 + "]" * 20_000)
+    assert deep.status_code in (400, 422) and set(deep.json()) == {"error"}

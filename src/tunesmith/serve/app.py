@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -34,6 +35,7 @@ ENDPOINTS = {"/v1/chat/completions": ("chat.completions", "chatcmpl"), "/v1/comp
              "/v1/classify": ("classify", "clf"), "/v1/score": ("score", "score")}
 VALUE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "value_error", "literal_error",
                 "too_short", "too_long", "finite_number", "json_invalid", "enum"}  # 400; other schema errors 422
+UNION_TAG = re.compile(r"^(str|int|float|bool|[\w-]+\[.*\])$")  # pydantic's name for a branch of a Union
 STATUS_CODES = {400: "invalid_value", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
                 408: "timeout", 413: "request_too_large", 422: "invalid_schema", 429: "queue_full"}
 
@@ -166,7 +168,8 @@ def _handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         errors = exc.errors() or [{"loc": (), "msg": "invalid body", "type": "value_error"}]
-        fields = [".".join(str(p) for p in e.get("loc", ()) if p != "body") or None for e in errors]
+        fields = [".".join(str(p) for p in e.get("loc", ()) if p != "body" and not UNION_TAG.match(str(p))) or None
+                  for e in errors]
         status = 400 if all(e.get("type") in VALUE_ERRORS for e in errors) else 422  # bad values; else bad shape
         message = "; ".join(f"{f}: {e.get('msg')}" if f else str(e.get("msg")) for f, e in zip(fields, errors))
         return _error_response(request, status, message, fields[0])
@@ -290,7 +293,7 @@ def _routes(app: FastAPI) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat(body: schemas.ChatRequest, request: Request):
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        messages = [m.as_dict() for m in body.messages]
         _start(request, body.model, input_chars=sum(len(m["content"]) for m in messages if m["role"] == "user"),
                prompt=messages)
         if messages[-1]["role"] == "assistant":
@@ -326,13 +329,12 @@ def _routes(app: FastAPI) -> None:
 
     @app.post("/v1/score")
     async def score(body: schemas.ScoreRequest, request: Request):
-        _start(request, body.model, input_chars=len(body.prompt or "") + sum(len(m.content) for m in
-                                                                            body.messages or []))
+        conversation = body.conversation()
+        _start(request, body.model, input_chars=sum(len(m["content"]) for m in conversation if m["role"] == "user"))
         _model_of_kind(app, body.model, "score")
         if bool(body.prompt) == bool(body.messages):
             raise ApiError(400, "give the prompt either as `prompt` (text) or as `messages`, one of the two",
                            "prompt")
-        conversation = body.conversation()
         scores = await run_in_threadpool(_locked, served, served.reward.score, [conversation] * len(body.responses),
                                          body.responses)
         row = _start(request, prompt=conversation)

@@ -15,17 +15,48 @@ MAX_INPUTS = 256  # texts per /v1/classify request, responses per /v1/score requ
 
 
 class Body(BaseModel):
-    """A request body: unknown fields are an error, not silently dropped."""
+    """A request body: unknown fields are an error, not silently dropped; text must be text (no lone surrogates,
+    which the tokenizer and the request log can't encode)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    @field_validator("*")
+    @classmethod
+    def _encodable(cls, value):
+        for text in _strings(value):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("holds a lone surrogate (an escape like \\ud800 that is not a character)") from None
+        return value
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
+class TextPart(Body):
+    """A part of a message's content (OpenAI's content-parts form); only text parts."""
+
+    type: Literal["text"] = Field(description="the part's kind: only text")
+    text: str
+
 
 class Message(Body):
-    """One chat turn."""
+    """One chat turn; OpenAI's `developer` role is a system turn, content parts are joined into one text."""
 
-    role: Literal["system", "user", "assistant"] = Field(description="who speaks")
-    content: str = Field(description="what is said")
+    role: Literal["system", "developer", "user", "assistant"] = Field(description="who speaks")
+    content: Union[str, list[TextPart]] = Field(description="what is said: a text, or a list of text parts")
     name: Optional[str] = Field(None, description="OpenAI's optional speaker name (kept out of the prompt)")
+
+    def as_dict(self) -> dict[str, str]:
+        """The turn as the chat template reads it."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class StreamOptions(Body):
@@ -115,7 +146,7 @@ class ScoreRequest(Body):
         from tunesmith.data.format import transcript_messages
 
         if self.messages:
-            return [{"role": m.role, "content": m.content} for m in self.messages]
+            return [m.as_dict() for m in self.messages]
         return transcript_messages(self.prompt or "")
 
 
