@@ -3,60 +3,31 @@ engine, labels from classifier runs, scores from reward runs, vLLM's adapter end
 
 Every request to /v1/… is recorded in the request log and counted in the metrics, refused ones included. Every bad
 request gets OpenAI's error JSON with its 4xx status; a bug is logged on the server and answered with a 500 JSON,
-never a traceback. Read top to bottom: errors, what is served, the app, its routes, the generation helpers.
+never a traceback (http.py keeps the error JSON and the log rows, completions.py the generation). Read top to
+bottom: what is served, the app, its error handlers and gate, its routes.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
-import logging
-import re
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from tunesmith.errors import TunesmithError
 from tunesmith.serve import schemas
-from tunesmith.serve.metrics import CONTENT_TYPE, Metrics, Timing
-
-log = logging.getLogger("tunesmith.serve")
-
-ENDPOINTS = {"/v1/chat/completions": ("chat.completions", "chatcmpl"), "/v1/completions": ("completions", "cmpl"),
-             "/v1/classify": ("classify", "clf"), "/v1/score": ("score", "score")}
-VALUE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "value_error", "literal_error",
-                "too_short", "too_long", "finite_number", "json_invalid", "enum"}  # 400; other schema errors 422
-UNION_TAG = re.compile(r"^(str|int|float|bool|[\w-]+\[.*\])$")  # pydantic's name for a branch of a Union
-STATUS_CODES = {400: "invalid_value", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
-                408: "timeout", 413: "request_too_large", 422: "invalid_schema", 429: "queue_full"}
-
-
-# ----------------------------------------------------------------------------------------------- errors
-
-class ApiError(Exception):
-    """A request answered with OpenAI's error JSON and a status code."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-        self.code = code or STATUS_CODES.get(status, "error")
-
-
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    if status == 429:
-        kind = "rate_limit_error"
-    return {"error": {"message": message, "type": kind, "param": param,
-                      "code": code or STATUS_CODES.get(status, "error")}}
+from tunesmith.serve.completions import generate_answer
+from tunesmith.serve.http import (UNION_TAG, VALUE_ERRORS, ApiError, error_body, error_response, log, record,
+                                  start_row)
+from tunesmith.serve.metrics import CONTENT_TYPE, Metrics
 
 
 # ----------------------------------------------------------------------------------------------- what is served
@@ -124,46 +95,10 @@ def _threads_for(served: Served):
     return lifespan
 
 
-def _record(app: FastAPI, row: dict[str, Any]) -> None:
-    """One row in the request log and the metrics (an error counted by status)."""
-    if row.get("status", 200) >= 400:
-        app.state.metrics.failed(_metric_name(app, row.get("model")), row["status"])
-    try:
-        app.state.log.record(row)
-    except Exception:  # noqa: BLE001 — a full disk must not turn an answer into an error
-        log.exception("request log: could not record %s", row.get("id"))
-
-
-def _metric_name(app: FastAPI, model: str | None) -> str:
-    served = app.state.served
-    return model if model == served.name or model in served.adapters else served.name
-
-
-def _start(request: Request, model: str | None = None, **row) -> dict[str, Any]:
-    """The request's log row so far (kept on request.state for the error handlers)."""
-    endpoint, prefix = ENDPOINTS.get(request.url.path, (request.url.path.removeprefix("/v1/"), "req"))
-    state = request.state
-    if not hasattr(state, "row"):
-        state.row = {"id": f"{prefix}-{uuid.uuid4().hex}", "time": time.time(), "endpoint": endpoint}
-        state.received = time.monotonic()
-    state.row.update({"model": model, **row} if model is not None else row)
-    return state.row
-
-
-def _error_response(request: Request, status: int, message: str, param: str | None = None,
-                    code: str | None = None) -> JSONResponse:
-    row = _start(request)
-    if request.url.path.startswith("/v1/"):
-        _record(request.app, {**row, "status": status, "error_code": code or STATUS_CODES.get(status, "error"),
-                              "e2e_s": time.monotonic() - request.state.received})
-    return JSONResponse(error_body(status, message, param, code), status_code=status,
-                        headers={"X-Request-Id": row["id"]})
-
-
 def _handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        return _error_response(request, exc.status, exc.message, exc.param, exc.code)
+        return error_response(request, exc.status, exc.message, exc.param, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -172,17 +107,17 @@ def _handlers(app: FastAPI) -> None:
                   for e in errors]
         status = 400 if all(e.get("type") in VALUE_ERRORS for e in errors) else 422  # bad values; else bad shape
         message = "; ".join(f"{f}: {e.get('msg')}" if f else str(e.get("msg")) for f, e in zip(fields, errors))
-        return _error_response(request, status, message, fields[0])
+        return error_response(request, status, message, fields[0])
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
         message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
-        return _error_response(request, exc.status_code, message)
+        return error_response(request, exc.status_code, message)
 
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception):
         log.exception("internal error answering %s %s", request.method, request.url.path)
-        return _error_response(request, 500, "internal error (logged on the server)", code="internal_error")
+        return error_response(request, 500, "internal error (logged on the server)", code="internal_error")
 
 
 class _Gate:
@@ -237,7 +172,7 @@ class _Gate:
     async def _refuse(self, scope, receive, send, status: int, message: str) -> None:
         request = Request(scope, receive)
         request.scope.setdefault("app", self.app)
-        response = _error_response(request, status, message)
+        response = error_response(request, status, message)
         if status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
         if status == 413:
@@ -294,7 +229,7 @@ def _routes(app: FastAPI) -> None:
     @app.post("/v1/chat/completions")
     async def chat(body: schemas.ChatRequest, request: Request):
         messages = [m.as_dict() for m in body.messages]
-        _start(request, body.model, input_chars=sum(len(m["content"]) for m in messages if m["role"] == "user"),
+        start_row(request, body.model, input_chars=sum(len(m["content"]) for m in messages if m["role"] == "user"),
                prompt=messages)
         if messages[-1]["role"] == "assistant":
             raise ApiError(400, "messages: the conversation ends with an assistant turn; end it with the user's",
@@ -303,25 +238,25 @@ def _routes(app: FastAPI) -> None:
         from tunesmith.generate import prompt_ids
 
         ids = prompt_ids(served.loaded, messages)
-        return await _generate(app, request, body, ids, adapter, chat=True,
+        return await generate_answer(app, request, body, ids, adapter, chat=True,
                                max_tokens=body.max_completion_tokens or body.max_tokens)
 
     @app.post("/v1/completions")
     async def completions(body: schemas.CompletionRequest, request: Request):
-        _start(request, body.model, input_chars=len(body.prompt), prompt=body.prompt)
+        start_row(request, body.model, input_chars=len(body.prompt), prompt=body.prompt)
         adapter = _generator(app, body.model)
         ids = served.loaded.tokenizer(body.prompt)["input_ids"]
-        return await _generate(app, request, body, ids, adapter, chat=False, max_tokens=body.max_tokens)
+        return await generate_answer(app, request, body, ids, adapter, chat=False, max_tokens=body.max_tokens)
 
     @app.post("/v1/classify")
     async def classify(body: schemas.ClassifyRequest, request: Request):
         from tunesmith.predict import ranked
 
-        _start(request, body.model, input_chars=sum(map(len, body.input)), prompt=body.input)
+        start_row(request, body.model, input_chars=sum(map(len, body.input)), prompt=body.input)
         _model_of_kind(app, body.model, "classify")
         probabilities = await run_in_threadpool(_locked, served, _quietly(served.predict), served.run, body.input)
         answers = [ranked(p, len(p)) for p in probabilities]
-        row = _start(request, prediction=[{"label": a["label"], "probability": a["probability"]} for a in answers])
+        row = start_row(request, prediction=[{"label": a["label"], "probability": a["probability"]} for a in answers])
         data = [{"index": i, "label": a["label"], "probability": a["probability"], "probs": p}
                 for i, (a, p) in enumerate(zip(answers, probabilities))]
         return _finish_row(app, request, row, {"id": row["id"], "object": "list", "created": int(row["time"]),
@@ -330,14 +265,14 @@ def _routes(app: FastAPI) -> None:
     @app.post("/v1/score")
     async def score(body: schemas.ScoreRequest, request: Request):
         conversation = body.conversation()
-        _start(request, body.model, input_chars=sum(len(m["content"]) for m in conversation if m["role"] == "user"))
+        start_row(request, body.model, input_chars=sum(len(m["content"]) for m in conversation if m["role"] == "user"))
         _model_of_kind(app, body.model, "score")
         if bool(body.prompt) == bool(body.messages):
             raise ApiError(400, "give the prompt either as `prompt` (text) or as `messages`, one of the two",
                            "prompt")
         scores = await run_in_threadpool(_locked, served, served.reward.score, [conversation] * len(body.responses),
                                          body.responses)
-        row = _start(request, prompt=conversation)
+        row = start_row(request, prompt=conversation)
         return _finish_row(app, request, row, {"id": row["id"], "object": "list", "created": int(row["time"]),
                                                "model": body.model,
                                                "data": [{"index": i, "score": s} for i, s in enumerate(scores)]})
@@ -350,7 +285,7 @@ def _routes(app: FastAPI) -> None:
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(body: schemas.LoadAdapterRequest, request: Request):
-        _start(request, body.lora_name)
+        start_row(request, body.lora_name)
         if served.engine is None:
             raise ApiError(400, f"{served.name} is a {served.kind} run: adapters load onto a text generator")
         if body.lora_name == served.name or body.lora_name in served.adapters:
@@ -363,7 +298,7 @@ def _routes(app: FastAPI) -> None:
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(body: schemas.UnloadAdapterRequest, request: Request):
-        _start(request, body.lora_name)
+        start_row(request, body.lora_name)
         if body.lora_name not in served.adapters:
             raise ApiError(404, f"The lora adapter '{body.lora_name}' cannot be found.", "lora_name")
         served.adapters.pop(body.lora_name)  # new requests naming it get 404 from here on
@@ -390,7 +325,7 @@ def _tunesmith_call(fn, *args):
 
 
 def _finish_row(app: FastAPI, request: Request, row: dict, answer: dict) -> JSONResponse:
-    _record(app, {**row, "status": 200, "e2e_s": time.monotonic() - request.state.received})
+    record(app, {**row, "status": 200, "e2e_s": time.monotonic() - request.state.received})
     return JSONResponse(answer, headers={"X-Request-Id": row["id"]})
 
 
@@ -413,159 +348,3 @@ def _generator(app: FastAPI, model: str) -> str | None:
 
 def _names(served: Served) -> list[str]:
     return [served.name, *sorted(served.adapters)]
-
-
-# ----------------------------------------------------------------------------------------------- generation
-
-async def _generate(app: FastAPI, request: Request, body: schemas.Sampling, ids: list[int], adapter: str | None,
-                    chat: bool, max_tokens: int | None):
-    from tunesmith.serve.engine import GenRequest, QueueFull
-
-    served, options = app.state.served, app.state.options
-    new_tokens = _token_budget(served, options, len(ids), max_tokens)
-    temperature = body.temperature if body.temperature is not None else 0.0
-    job = GenRequest(ids, new_tokens, temperature, body.top_p, body.seed, body.stops(), adapter, options.timeout_s)
-    try:
-        stream = served.engine.submit(job)
-    except QueueFull as exc:
-        raise ApiError(429, f"{exc.message}; {exc.hint}", code="queue_full") from None
-    except TunesmithError as exc:  # the adapter was unloaded in between
-        raise ApiError(404, exc.message, "model", "model_not_found") from None
-    row = _start(request, run=served.adapters.get(body.model, str(served.run)))
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_events(app, request, body.model, stream, row, chat, include_usage),
-                                 media_type="text/event-stream", headers={"X-Request-Id": row["id"]})
-    times = await run_in_threadpool(_drain, stream)
-    return _answer(app, request, body.model, stream, row, chat, "".join(_trimmed(stream.text)), times)
-
-
-def _token_budget(served: Served, options: ServeOptions, prompt_tokens: int, asked: int | None) -> int:
-    """New tokens this request may generate: what it asked (at most the server's cap), within the model's context."""
-    if asked is not None and asked > options.max_tokens:
-        raise ApiError(400, f"max_tokens {asked} is over this server's limit of {options.max_tokens}", "max_tokens")
-    wanted = asked or options.max_tokens
-    context = served.context_len
-    if context is None:
-        return wanted
-    if prompt_tokens + (asked or 1) > context:
-        raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                       f"{prompt_tokens + (asked or 1)} tokens ({prompt_tokens} in the messages, {asked or 1} in "
-                       "the completion). Please reduce the length of the messages or completion.", "messages")
-    return min(wanted, context - prompt_tokens)
-
-
-def _drain(stream) -> list[float]:
-    """Wait for the whole answer; the time of each piece of text (for the inter-token latencies)."""
-    return [time.monotonic() for _ in stream]
-
-
-def _trimmed(pieces):
-    """The pieces of an answer without its leading and trailing white space (as `tunesmith generate` strips it);
-    trailing white space is held back until text follows it."""
-    pieces = [pieces] if isinstance(pieces, str) else pieces
-    started, held = False, ""
-    for piece in pieces:
-        text = held + piece
-        if not started:
-            text = text.lstrip()
-            started = bool(text)
-        body = text.rstrip()
-        held = text[len(body):]
-        if body:
-            yield body
-
-
-def _timing(request: Request, stream, times: list[float]) -> Timing:
-    start = request.state.received
-    queue = stream.started_at - stream.queued_at if stream.started_at else None
-    ttft = stream.first_token_at - start if stream.first_token_at else None
-    gaps = tuple(b - a for a, b in zip(times, times[1:]))
-    return Timing(queue, ttft, (stream.finished_at or time.monotonic()) - start, gaps)
-
-
-def _failure(stream) -> ApiError | None:
-    if stream.finish_reason == "timeout":
-        return ApiError(408, f"the answer took longer than this server's --timeout ({stream.request.timeout_s}s)",
-                        code="timeout")
-    if stream.finish_reason == "error":
-        return ApiError(500, f"generation failed: {stream.error}", code="internal_error")
-    return None
-
-
-def _log_answer(app: FastAPI, request: Request, model: str, stream, row: dict, text: str, times: list[float],
-                status: int = 200, error_code: str | None = None) -> None:
-    timing = _timing(request, stream, times)
-    if status == 200:
-        app.state.metrics.answered(_metric_name(app, model), stream.finish_reason, stream.prompt_tokens,
-                                   stream.completion_tokens, timing)
-    _record(app, {**row, "status": status, "error_code": error_code, "finish_reason": stream.finish_reason,
-                  "queue_s": timing.queue_s, "ttft_s": timing.ttft_s, "e2e_s": timing.e2e_s,
-                  "prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.completion_tokens,
-                  "answer": text})
-
-
-def _usage(stream) -> dict[str, int]:
-    return {"prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.completion_tokens,
-            "total_tokens": stream.prompt_tokens + stream.completion_tokens}
-
-
-def _answer(app, request, model, stream, row, chat: bool, text: str, times: list[float]) -> JSONResponse:
-    failure = _failure(stream)
-    if failure is not None:  # logged with its times and tokens, then answered as an error
-        _log_answer(app, request, model, stream, row, text, times, failure.status, failure.code)
-        return JSONResponse(error_body(failure.status, failure.message, code=failure.code),
-                            status_code=failure.status, headers={"X-Request-Id": row["id"]})
-    _log_answer(app, request, model, stream, row, text, times)
-    choice = {"index": 0, "finish_reason": stream.finish_reason, "logprobs": None}
-    choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-    return JSONResponse({"id": row["id"], "object": "chat.completion" if chat else "text_completion",
-                         "created": int(row["time"]), "model": model, "choices": [choice], "usage": _usage(stream)},
-                        headers={"X-Request-Id": row["id"]})
-
-
-async def _events(app, request, model: str, stream, row: dict, chat: bool, include_usage: bool):
-    """Server-sent events: one chunk per piece of text, a last chunk with the finish reason, `data: [DONE]`."""
-    head = {"id": row["id"], "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(row["time"]), "model": model}
-
-    def chunk(text: str | None, finish: str | None = None, first: bool = False) -> str:
-        if chat:
-            delta = ({"role": "assistant", "content": text or ""} if first else
-                     {} if text is None else {"content": text})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return f"data: {json.dumps({**head, 'choices': [choice]}, ensure_ascii=False)}\n\n"
-
-    times: list[float] = []
-    pieces: list[str] = []
-    finished = False
-    try:
-        if chat:
-            yield chunk("", first=True)
-        async for piece in iterate_in_threadpool(_timed(_trimmed(e.text for e in stream), times)):
-            pieces.append(piece)
-            yield chunk(piece)
-        failure = _failure(stream)
-        if failure is not None:
-            _log_answer(app, request, model, stream, row, "".join(pieces), times, failure.status, failure.code)
-            yield f"data: {json.dumps(error_body(failure.status, failure.message, code=failure.code))}\n\n"
-        else:
-            _log_answer(app, request, model, stream, row, "".join(pieces), times)
-            yield chunk(None, stream.finish_reason)
-            if include_usage:
-                yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(stream)})}\n\n"
-        finished = True
-        yield "data: [DONE]\n\n"
-    finally:
-        if not finished:  # the client went away
-            stream.cancel()
-            stream.finish_reason = stream.finish_reason or "cancelled"
-            _log_answer(app, request, model, stream, row, "".join(pieces), times, 499, "client_closed")
-
-
-def _timed(pieces, times: list[float]):
-    for piece in pieces:
-        times.append(time.monotonic())
-        yield piece
