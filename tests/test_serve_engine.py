@@ -15,7 +15,8 @@ from tunesmith.errors import RunError
 from tunesmith.serve.engine import Engine, GenRequest, QueueFull, _safe_end, _Seq, Stream
 from tunesmith.train import train_run
 
-PROMPTS = ["Hi", "What is 3 plus 3?", "Tell me a long story about a cat and a dog who meet in the park one day", "Say something kind, please"]
+PROMPTS = ["Hi", "What is 3 plus 3?", "Tell me a long story about a cat and a dog who meet in the park one day",
+           "Say something kind, please"]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
 def alone(loaded, ids: list[int], max_new_tokens: int = 8) -> list[int]:
     """The new token ids model.generate gives for this prompt on its own (greedy)."""
     with torch.inference_mode():
-        out = loaded.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        out = loaded.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)).long(),
                                     generation_config=loaded.generation_config, max_new_tokens=max_new_tokens,
                                     do_sample=False)
     return out[0, len(ids):].tolist()
@@ -108,6 +109,30 @@ def test_greedy_answers_match_generate_while_requests_join_a_running_batch(serve
         assert (s.finish_reason, s.prompt_tokens, s.completion_tokens) == ("length", len(i), 8)
         assert s.queued_at <= s.started_at <= s.first_token_at <= s.finished_at
     assert served.running == 0 and served.waiting == 0
+
+
+def test_many_requests_joining_and_leaving_a_small_batch_answer_as_alone(runs):
+    import random
+
+    from tunesmith.generate import load_run
+
+    loaded, rng = load_run(runs["a"]), random.Random(0)
+    engine = Engine(loaded, max_batch=3, max_waiting=32).start()
+    words = "the cat dog sat on a mat and ran far away into woods while birds sang".split()
+    jobs = []
+    for k in range(24):  # prompts of 1-30 words and answers of 1-12 tokens: the batch grows, shrinks and queues
+        ids = prompt_ids(loaded.tokenizer, " ".join(rng.choices(words, k=rng.randint(1, 30))))
+        n = rng.randint(1, 12)
+        stream = engine.submit(GenRequest(ids, n))
+        if k % 7 == 3:
+            stream.cancel()
+        jobs.append((ids, n, stream))
+        time.sleep(rng.random() * 0.005)
+    reasons = [s.wait(30).finish_reason for _, _, s in jobs]
+    engine.stop()
+    assert reasons.count("cancelled") >= 1 and set(reasons) <= {"cancelled", "length", "stop"}
+    assert [s.token_ids for _, _, s in jobs if s.finish_reason != "cancelled"] == \
+        [alone(loaded, ids, n) for ids, n, s in jobs if s.finish_reason != "cancelled"]
 
 
 def test_the_same_seed_samples_the_same_answer_alone_and_in_a_batch(served):
