@@ -103,7 +103,9 @@ def delta(after: dict, before: dict, name: str, **labels) -> float:
 def test_parity_passed_at_start_up_and_the_server_is_ready(server, runs):
     url, app, lines = server
     assert lines[0] == f"adapter second: {runs['second']}"
-    assert any(line.startswith("parity: 3/3 validation prompts answered with identical tokens") for line in lines)
+    for name in ("main", "second"):  # the served run, and the adapter served beside it, each against its own run
+        assert any(line.startswith(f"parity: 3/3 validation prompts answered with identical tokens by the engine "
+                                   f"serving {name} and the run's generation path") for line in lines)
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{url}/ready").json() == {"status": "ready", "model": "main"}
 
@@ -414,8 +416,8 @@ def test_serve_refuses_to_start_when_the_served_answers_differ(runs, monkeypatch
 
     real = parity.engine_answer
 
-    def off_by_one(engine, loaded, max_new_tokens=parity.MAX_NEW_TOKENS):
-        answer = real(engine, loaded, max_new_tokens)
+    def off_by_one(engine, loaded, max_new_tokens=parity.MAX_NEW_TOKENS, adapter=None):
+        answer = real(engine, loaded, max_new_tokens, adapter)
         return lambda prompts: [ids[:2] + [ids[2] + 1] + ids[3:] for ids in answer(prompts)]
 
     monkeypatch.setattr(parity, "engine_answer", off_by_one)

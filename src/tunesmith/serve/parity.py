@@ -60,7 +60,7 @@ class ParityResult:
             lines.append(f"  prompt {i}: differs at token {at} (run: {case.expected[at:at + 4]}…, "
                          f"{self.what}: {case.served[at:at + 4]}…)")
             lines.append(f"    run:    {case.expected_text[:120]!r}")
-            lines.append(f"    {self.what.split()[-1]}: {case.served_text[:120]!r}")
+            lines.append(f"    served: {case.served_text[:120]!r}")
         lines += [f"  possible cause: {c}" for c in self.causes]
         return "\n".join(lines)
 
@@ -132,13 +132,15 @@ def require(result: ParityResult) -> None:
                        "was trained with (or pass --no-parity to serve anyway, knowing the answers differ)")
 
 
-def engine_answer(engine, loaded, max_new_tokens: int = MAX_NEW_TOKENS) -> Callable:
-    """The serving path as `check_parity`'s `answer`: each prompt through the engine, greedy, in parallel."""
+def engine_answer(engine, loaded, max_new_tokens: int = MAX_NEW_TOKENS, adapter: str | None = None) -> Callable:
+    """The serving path as `check_parity`'s `answer`: each prompt through the engine (with `adapter`, None = the
+    served run), greedy, in parallel; prompts in the served run's template (`loaded`)."""
     from tunesmith.generate import prompt_ids
     from tunesmith.serve.engine import GenRequest
 
     def answer(prompts: list[list[dict[str, str]]]) -> list[list[int]]:
-        streams = [engine.submit(GenRequest(prompt_ids(loaded, p), max_new_tokens)) for p in prompts]
+        streams = [engine.submit(GenRequest(prompt_ids(loaded, p), max_new_tokens, adapter=adapter))
+                   for p in prompts]
         return [list(stream.wait().token_ids) for stream in streams]
 
     return answer

@@ -145,20 +145,30 @@ def load_served(config: ServeConfig, echo: Callable[[str], None] = print):
 
 
 def check_served_parity(served, echo: Callable[[str], None] = print) -> None:
-    """The engine against the run's generation path on its validation prompts; a RunError when they differ."""
+    """The engine against each run's generation path on that run's validation prompts — the served run, then each
+    adapter (its run loaded on its own for the comparison, then let go); a RunError at the first that differs."""
+    import gc
+
+    from tunesmith.generate import load_run
     from tunesmith.serve.parity import check_parity, engine_answer, parity_prompts, require
 
     if served.kind != "generate":
         echo(f"parity: a {served.kind} run answers through the same function as `tunesmith "
              f"{'predict' if served.kind == 'classify' else 'score'}` (nothing to compare)")
         return
-    prompts = parity_prompts(served.run)
-    if not prompts:
-        echo("parity: the run holds no validation prompts answered in text; not checked")
-        return
-    result = check_parity(served.loaded, engine_answer(served.engine, served.loaded), prompts, "served engine")
-    require(result)  # the differences, as the error
-    echo(result.describe())
+    for name, run in [(served.name, served.run), *served.adapters.items()]:
+        prompts = parity_prompts(run)
+        if not prompts:
+            echo(f"parity: {run} holds no validation prompts answered in text; {name} not checked")
+            continue
+        adapter = None if name == served.name else name
+        reference = served.loaded if adapter is None else load_run(run)
+        result = check_parity(reference, engine_answer(served.engine, served.loaded, adapter=adapter), prompts,
+                              f"engine serving {name}")
+        del reference
+        gc.collect()
+        require(result)  # the differences, as the error
+        echo(result.describe())
 
 
 def serve(config: ServeConfig, echo: Callable[[str], None] = print) -> int:
