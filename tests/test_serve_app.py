@@ -338,6 +338,8 @@ def test_print_vllm_writes_the_command_template_and_prompts(runs, capsys):
     assert printed.startswith(script)
     assert "--enable-lora" in script and f"--lora-modules main={main_run / 'adapter'}" in script
     assert f"second={runs['second'] / 'adapter'}" in script and f"--generation-config {main_run}" in script
+    base = script.split("vllm serve ", 1)[1].split(" ", 1)[0]  # the base model as a folder vLLM can load
+    assert (Path(base) / "config.json").is_file()
     template = AutoTokenizer.from_pretrained(main_run / "tokenizer").chat_template
     assert (main_run / "serve" / "chat_template.jinja").read_text() == template
     prompts = [json.loads(x) for x in (main_run / "serve" / "parity_prompts.jsonl").read_text().splitlines()]

@@ -232,8 +232,13 @@ def vllm_command(config: ServeConfig) -> dict[str, Path]:
         if adapter != "lora":
             raise RunError(f"{run.root}: vLLM serves LoRA adapters, not `{adapter}`",
                            f"merge it with `tunesmith export {run.root} --merge` and serve the merged folder")
-        base = manifest["base_model"].get("resolved") or manifest["base_model"]["name"]
-        modules = {name: run.adapter, **{n: open_run(p).adapter for n, p in config.adapters.items()}}
+        from tunesmith.model import resolve_model
+
+        bm = manifest["base_model"]
+        source = resolve_model(bm["name"], bm.get("cache_dir"))  # a folder (or .gguf file) vLLM can read
+        base = (source.path / source.gguf_file if source.gguf_file else source.path).resolve()
+        modules = {name: run.adapter.resolve(),
+                   **{n: open_run(p).adapter.resolve() for n, p in config.adapters.items()}}
         lines += [["vllm", "serve", str(base)], ["--enable-lora"],
                   ["--max-lora-rank", str(_max_rank(modules.values()))],
                   ["--lora-modules", *(f"{n}={p}" for n, p in modules.items())],
@@ -245,7 +250,7 @@ def vllm_command(config: ServeConfig) -> dict[str, Path]:
         merged = run.root / "merged"
         lines += [["vllm", "serve", str(merged if merged.is_dir() else _full_weights(run))],
                   ["--served-model-name", name]]
-    lines += [["--chat-template", str(template)], ["--generation-config", str(run.root)],
+    lines += [["--chat-template", str(template.resolve())], ["--generation-config", str(run.root.resolve())],
               ["--host", config.host, "--port", str(config.port)]]
     quoted = [" ".join(shlex.quote(a) for a in line) for line in lines]
     if config.api_key:
