@@ -307,6 +307,9 @@ CLI_CASES: list[Case] = [
          ("argument --limit: '0'",)),
     # monitor: the log, the run it is compared with, and its options
     Case("monitor-no-such-log", lambda t: ["monitor", "nolog.sqlite"], ("nolog.sqlite: no such request log",)),
+    Case("monitor-neither-log-nor-parity", lambda t: ["monitor"], ("give the request log",)),
+    Case("monitor-parity-without-run", lambda t: ["monitor", "--parity", "http://127.0.0.1:9/v1"],
+         ("--parity needs --run",)),
     Case("monitor-log-not-sqlite", lambda t: ["monitor", str(made(t, "log.sqlite") / "log.sqlite")],
          ("log.sqlite: not a SQLite request log",)),
     Case("monitor-log-is-a-folder", lambda t: ["monitor", str(made(t, folders=("logs",)) / "logs")],

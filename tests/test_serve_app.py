@@ -450,3 +450,20 @@ def test_content_parts_and_the_developer_role_read_as_text_and_lone_surrogates_a
     assert surrogate.status_code == 400 and "lone surrogate" in surrogate.json()["error"]["message"]
     deep = httpx.post(f"{url}/v1/chat/completions", headers=auth, content="[" * 20_000 + "]" * 20_000)
     assert deep.status_code in (400, 422) and set(deep.json()) == {"error"}
+
+
+def test_monitor_parity_asks_another_server_the_runs_prompts(server, runs, capsys, monkeypatch):
+    """`tunesmith monitor --parity URL`: the run's own prompts asked of a server (here tunesmith itself, as a
+    stand-in for a vLLM deployment): the same answers exit 0; another model's answers exit 1 and are shown."""
+    url, _, _ = server
+    monkeypatch.setenv("PARITY_KEY", KEY)
+    common = ["monitor", "--parity", f"{url}/v1", "--run", str(runs["main"]), "--api-key-env", "PARITY_KEY"]
+    assert main([*common, "--model", "main"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"parity: 3/3 validation prompts answered the same by {url}/v1")
+    assert out.count("same answer") == 3
+    assert main([*common, "--model", "second"]) == 1  # another adapter of the same base answers otherwise
+    out = capsys.readouterr().out
+    assert "differs" in out and "    served: " in out
+    assert main([*common, "--model", "nope"]) == 2
+    assert "the server answered 404" in capsys.readouterr().err

@@ -160,7 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("monitor", parents=[common], help="latency, throughput, errors and input drift of a served run "
                        "from its request log: a terminal summary, an offline HTML page and a verdict")
-    p.add_argument("log", type=path, help="the request log `tunesmith serve` writes (RUN/serve/requests.sqlite)")
+    p.add_argument("log", type=path, nargs="?", default=None,
+                   help="the request log `tunesmith serve` writes (RUN/serve/requests.sqlite)")
+    p.add_argument("--parity", default=None, metavar="URL", help="instead of a log: ask the OpenAI-compatible server "
+                   "at URL (e.g. a vLLM deployment from `serve --print-vllm`) the run's parity prompts, greedy, and "
+                   "compare with the run's own answers; exit 1 when any differs (needs --run)")
+    p.add_argument("--model", dest="served_model", default=None,
+                   help="with --parity: the model name the server answers to (default: the run folder's name)")
+    p.add_argument("--api-key-env", default=None, metavar="VAR", help="with --parity: the environment variable "
+                   "holding the server's API key")
     p.add_argument("--run", type=path, default=None, help="the served run, whose training rows the inputs are "
                    "compared with (default: the run folder holding LOG)")
     p.add_argument("--out", type=path, default=None, help="the HTML page (default monitor.html beside LOG)")
@@ -509,12 +517,35 @@ def cmd_monitor(args) -> int:
     from tunesmith.artifacts import check_output
     from tunesmith.monitor import format_summary, monitor, write_html
 
+    if args.parity:
+        return _remote_parity(args)
+    if args.log is None:
+        raise TunesmithError("give the request log to summarize (LOG), or --parity URL --run RUN",
+                             "e.g. tunesmith monitor runs/NAME/serve/requests.sqlite")
     out = check_output(args.out or Path(args.log).parent / "monitor.html", "--out", inputs=[args.log])
     _quiet_libraries()
     report = monitor(args.log, args.run, since=args.since, window_min=args.window)
     print(format_summary(report))
     print(f"page: {write_html(report, out)}")
     return 0
+
+
+def _remote_parity(args) -> int:
+    """`monitor --parity URL`: the run's parity prompts asked of another server; exit 1 when an answer differs."""
+    from tunesmith.serve.parity import describe_remote, remote_parity
+
+    if args.run is None or args.log is not None:
+        raise TunesmithError("--parity needs --run RUN (the run the server should answer like) and no LOG",
+                             f"e.g. tunesmith monitor --parity {args.parity} --run runs/NAME")
+    key = None
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            raise TunesmithError(f"--api-key-env {args.api_key_env}: the environment variable is not set or empty")
+    _quiet_libraries()
+    cases = remote_parity(args.run, args.parity, model=args.served_model, api_key=key)
+    print(describe_remote(cases, args.parity))
+    return 0 if all(c["same"] for c in cases) else 1
 
 
 def cmd_methods(args) -> int:

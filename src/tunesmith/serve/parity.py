@@ -164,3 +164,69 @@ def export_parity(run_path: str | Path, folder: str | Path, n: int = PROMPTS) ->
         return [generate_tokens(merged, [p], MAX_NEW_TOKENS)[0] for p in prompts]
 
     return check_parity(reference, answer, parity_prompts(run_path, n), "merged folder", candidate=merged)
+
+
+# ----------------------------------------------------------------------------------------------- another server
+
+
+def remote_parity(run_path: str | Path, url: str, model: str | None = None, api_key: str | None = None,
+                  max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict[str, object]]:
+    """The run's parity prompts (RUN/serve/parity_prompts.jsonl, written by `serve --print-vllm`, else its first
+    validation prompts) answered greedily by the OpenAI-compatible server at `url` (vLLM, or another tunesmith) and
+    by the run's own generation path; one dict per prompt: messages, expected, served, same (answer texts, stripped,
+    as `tunesmith generate` gives them)."""
+    import json
+
+    from tunesmith.artifacts import open_run
+    from tunesmith.generate import generate, load_run
+
+    run = open_run(run_path)
+    written = run.root / "serve" / "parity_prompts.jsonl"
+    if written.is_file():
+        prompts = [json.loads(line)["messages"] for line in written.read_text(encoding="utf-8").splitlines()
+                   if line.strip()]
+    else:
+        prompts = parity_prompts(run.root)
+    if not prompts:
+        raise RunError(f"{run.root}: no validation prompts to check with", "the run holds no rows a model answers")
+    name = model or run.root.name
+    served = [_remote_answer(url, name, messages, max_new_tokens, api_key) for messages in prompts]
+    expected = generate(load_run(run.root), prompts, max_new_tokens=max_new_tokens)
+    return [{"messages": m, "expected": e, "served": s, "same": e.strip() == s.strip()}
+            for m, e, s in zip(prompts, expected, served)]
+
+
+def _remote_answer(url: str, model: str, messages: list[dict[str, str]], max_tokens: int, key: str | None) -> str:
+    """One greedy chat completion from the server at `url`; a TunesmithError naming the server when it fails."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    base = url.rstrip("/").removesuffix("/v1")
+    body = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(f"{base}/v1/chat/completions", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return json.loads(response.read())["choices"][0]["message"]["content"] or ""
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", "replace")[:300]
+        raise TunesmithError(f"--parity {url}: the server answered {exc.code}: {detail}",
+                             "check --model (the served model's name) and --api-key-env") from None
+    except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError) as exc:
+        raise TunesmithError(f"--parity {url}: no usable answer ({exc})",
+                             "give the server's base URL, e.g. http://127.0.0.1:8000/v1") from None
+
+
+def describe_remote(cases: list[dict[str, object]], url: str) -> str:
+    """One line per prompt: the same answer, or both answers."""
+    same = sum(bool(c["same"]) for c in cases)
+    lines = [f"parity: {same}/{len(cases)} validation prompts answered the same by {url} and the run's generation "
+             "path (greedy)"]
+    for i, case in enumerate(cases, 1):
+        if case["same"]:
+            lines.append(f"  prompt {i}: same answer")
+        else:
+            lines += [f"  prompt {i}: differs", f"    run:    {str(case['expected'])[:120]!r}",
+                      f"    served: {str(case['served'])[:120]!r}"]
+    return "\n".join(lines)
