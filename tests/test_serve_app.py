@@ -467,3 +467,54 @@ def test_monitor_parity_asks_another_server_the_runs_prompts(server, runs, capsy
     assert "differs" in out and "    served: " in out
     assert main([*common, "--model", "nope"]) == 2
     assert "the server answered 404" in capsys.readouterr().err
+
+
+def test_a_killed_server_loses_no_answered_request(runs, tmp_path):
+    """`kill -9` of `tunesmith serve` under load: every request a client got an answer for is in the request log."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tunesmith.serve.requestlog import read_requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "requests.sqlite"
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", str(runs["main"]), "--port", str(port),
+                             "--no-parity", "--log", str(log), "--max-batch", "4"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        answered: list[str] = []
+
+        def ask(i: int) -> None:
+            try:
+                out = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=30) \
+                    .chat.completions.create(model="main", max_tokens=8,
+                                             messages=[{"role": "user", "content": f"What is {i} plus {i}?"}])
+                answered.append(out.id)
+            except openai.OpenAIError:
+                pass  # cut off by the kill: never answered
+
+        with ThreadPoolExecutor(8) as pool:
+            for i in range(200):
+                pool.submit(ask, i)
+            while len(answered) < 12 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert len(answered) >= 12
+    logged = {row["id"] for row in read_requests(log)}
+    assert set(answered) <= logged, sorted(set(answered) - logged)
