@@ -141,9 +141,13 @@ def test_traffic_counts_errors_latency_and_windows(tmp_path):
     assert [w["requests"] for w in t["windows"]] == [10] * 10
     assert [w["errors"] for w in t["windows"]] == [1] * 10
     assert t["windows"][0]["tokens_per_s"] == pytest.approx(90 / 60)
+    assert t["windows"][-1]["seconds"] == pytest.approx(54)  # the log ends 54 s into its last window
+    assert t["windows"][-1]["tokens_per_s"] == pytest.approx(90 / 54)
     assert report["drift"] is None and report["verdict"]["verdict"] == "drift not checked"
     assert m.monitor(tmp_path / "requests.sqlite", since=T0 + 300)["traffic"]["requests"] == 50
-    assert len(m.monitor(tmp_path / "requests.sqlite", window_min=5)["traffic"]["windows"]) == 2
+    five = m.monitor(tmp_path / "requests.sqlite", window_min=5)["traffic"]["windows"]
+    assert [w["seconds"] for w in five] == [300, pytest.approx(294)]
+    assert five[1]["requests_per_s"] == pytest.approx(50 / 294)
 
 
 def test_percentile_psi_and_chi_square_numbers():

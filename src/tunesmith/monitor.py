@@ -102,18 +102,21 @@ def _tokens(rows: list[dict[str, Any]]) -> int:
 
 
 def windows(rows: list[dict[str, Any]], width_s: float) -> list[dict[str, Any]]:
-    """Per window of `width_s` seconds from the first request: requests, errors, throughput, p50/p95 latencies."""
-    start = rows[0]["time"]
+    """Per window of `width_s` seconds from the first request: requests, errors, throughput, p50/p95 latencies.
+    The last window is cut short where the log ends (at least 1 s), so its rates are per second of traffic seen."""
+    start, end = rows[0]["time"], rows[-1]["time"]
     groups: dict[int, list] = {}
     for r in rows:
         groups.setdefault(int((r["time"] - start) // width_s), []).append(r)
     out = []
-    for index in range(max(groups) + 1):
+    last = max(groups)
+    for index in range(last + 1):
         group = groups.get(index, [])
         lat = latency_table(group)
+        seconds = width_s if index < last else min(width_s, max(end - (start + index * width_s), 1.0))
         out.append({"start": start + index * width_s, "minute": index * width_s / 60, "requests": len(group),
-                    "errors": sum((r["status"] or 0) >= 400 for r in group),
-                    "requests_per_s": len(group) / width_s, "tokens_per_s": _tokens(group) / width_s,
+                    "errors": sum((r["status"] or 0) >= 400 for r in group), "seconds": seconds,
+                    "requests_per_s": len(group) / seconds, "tokens_per_s": _tokens(group) / seconds,
                     **{f"{k[:-2]}_p{q}": lat[k][f"p{q}"] for k in ("ttft_s", "e2e_s") for q in (50, 95)}})
     return out
 
