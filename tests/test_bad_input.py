@@ -208,6 +208,8 @@ CLI_CASES: list[Case] = [
          ("--adapter 'runs/other': expected NAME=RUN", "e.g. --adapter support=runs/support-lora")),
     Case("serve-port-in-use", lambda t: ["serve", placeholder_run(t), "--port", held_port()],
          ("can't listen there", "choose another --port")),
+    Case("serve-log-is-a-data-file", lambda t: ["serve", placeholder_run(t), "--port", "0", "--log", labelled(t)],
+         ("can't be used as a request log",)),
     Case("serve-adapter-name-twice", lambda t: ["serve", placeholder_run(t), "--adapter", "a=x", "--adapter", "a=y"],
          ("--adapter 'a=y': the name 'a' is given twice",)),
     Case("clean-max-tokens-zero", lambda t: ["data", "clean", labelled(t), "--out", "o.jsonl", "--max-tokens", "0"],

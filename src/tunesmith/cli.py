@@ -537,11 +537,9 @@ def _remote_parity(args) -> int:
     if args.run is None or args.log is not None:
         raise TunesmithError("--parity needs --run RUN (the run the server should answer like) and no LOG",
                              f"e.g. tunesmith monitor --parity {args.parity} --run runs/NAME")
-    key = None
-    if args.api_key_env:
-        key = os.environ.get(args.api_key_env)
-        if not key:
-            raise TunesmithError(f"--api-key-env {args.api_key_env}: the environment variable is not set or empty")
+    from tunesmith.serve.startup import key_from_env
+
+    key = key_from_env(args.api_key_env)
     _quiet_libraries()
     cases = remote_parity(args.run, args.parity, model=args.served_model, api_key=key)
     print(describe_remote(cases, args.parity))

@@ -57,16 +57,22 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
 def api_key(host: str, env: str | None) -> str | None:
     """The API key from environment variable `env`; refused: a non-loopback host without one, or an unset or empty
     variable."""
-    key = None
-    if env:
-        key = os.environ.get(env)
-        if not key:
-            raise TunesmithError(f"--api-key-env {env}: the environment variable {env} is not set or empty",
-                                 f"export {env}=… (a long random key) before starting the server")
+    key = key_from_env(env)
     if key is None and not is_loopback(host):
         raise TunesmithError(f"--host {host}: not a loopback address, and no API key: anyone who can reach the "
                              "port could use the model", "add --api-key-env VAR (clients send `Authorization: Bearer "
                              "$VAR`), or serve on --host 127.0.0.1")
+    return key
+
+
+def key_from_env(env: str | None) -> str | None:
+    """The key held by environment variable `env` (None without one); an unset or empty variable is an error."""
+    if not env:
+        return None
+    key = os.environ.get(env)
+    if not key:
+        raise TunesmithError(f"--api-key-env {env}: the environment variable {env} is not set or empty",
+                             f"export {env}=… (a long random key) first")
     return key
 
 
@@ -178,15 +184,18 @@ def serve(config: ServeConfig, echo: Callable[[str], None] = print) -> int:
     from tunesmith.serve.app import ServeOptions, create_app
     from tunesmith.serve.requestlog import DEFAULT_NAME, RequestLog
 
+    from tunesmith.artifacts import open_run
+
     sock = bind(config.host, config.port)
     served = None
-    try:
+    try:  # the log is opened first: a path that can't be one fails before the model loads
+        request_log = RequestLog(config.log or open_run(config.run).root / DEFAULT_NAME,
+                                 log_content=config.log_content)
         served = load_served(config, echo)
         if config.parity:
             check_served_parity(served, echo)
         else:
             echo("parity: not checked (--no-parity)")
-        request_log = RequestLog(config.log or served.run / DEFAULT_NAME, log_content=config.log_content)
         options = ServeOptions(max_tokens=config.max_tokens, timeout_s=config.timeout_s, api_key=config.api_key)
         app = create_app(served, request_log, options)
         app.state.ready = True
