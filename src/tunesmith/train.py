@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import shutil
 import time
@@ -15,7 +14,7 @@ from tunesmith import artifacts
 from tunesmith.artifacts import RunDir
 from tunesmith.data import check_reject_share, file_sha256, prepare_data, write_rejects
 from tunesmith.data.format import Encoded, encode, end_of_turn_ids, stats
-from tunesmith.data.snapshot import write_snapshot
+from tunesmith.data.snapshot import recorded_hashes, write_snapshot
 from tunesmith.errors import RunError, TunesmithError
 from tunesmith.methods import REGISTRY
 from tunesmith.model import load_tokenizer, pick_precision, resolve_model
@@ -85,7 +84,7 @@ def train_run(recipe: Recipe, resume: bool = False, callbacks: list | None = Non
         "seed": recipe.train.seed,
         "data": {**data.counts(),
                  "formatting_rejects": len(encoded.rejects),
-                 "hashes": read_snapshot_hashes(run),
+                 "hashes": recorded_hashes(run.root),
                  "train_tokens": stats(encoded.train), "validation_tokens": stats(encoded.validation),
                  "labels": data.labels},
         "training": {"steps": outcome.steps, "trained_tokens": outcome.trained_tokens,
@@ -126,11 +125,6 @@ def prepare_stage(recipe: Recipe, method, stage: RunDir, shown: RunDir, echo: Ca
         hashes[recipe.data.class_weights] = file_sha256(recipe.data.class_weights)
     write_snapshot(stage.root, data, hashes)
     return data, encoded, source, tokenizer
-
-
-def read_snapshot_hashes(run: RunDir) -> dict[str, str]:
-    """The input files' SHA-256 as RUN/data/data.json recorded them before training."""
-    return json.loads((run.root / "data" / "data.json").read_text(encoding="utf-8"))["hashes"]
 
 
 MIN_TRAIN_ROWS = 2
@@ -216,7 +210,7 @@ def keep_failed_stage(stage: RunDir, target: Path, exc: BaseException) -> None:
 
 def reopen_run(recipe: Recipe) -> RunDir:
     """The run folder to resume: the same recipe, and input files unchanged since the run read them."""
-    from tunesmith.data.snapshot import check_unchanged, has_snapshot, read_snapshot
+    from tunesmith.data.snapshot import check_unchanged
 
     run = RunDir(Path(recipe.output.dir))
     if not run.recipe.exists():
@@ -225,9 +219,8 @@ def reopen_run(recipe: Recipe) -> RunDir:
         raise RunError(f"{run.root}: the recipe differs from the one this run started with: "
                        f"{recipe_changes(run.recipe.read_text(), recipe.to_yaml())}",
                        f"resume with the same recipe and overrides (see {run.recipe})")
-    if has_snapshot(run.root):
-        recorded = read_snapshot(run.root).hashes
-        check_unchanged(recorded, list(recorded), "--resume")
+    recorded = recorded_hashes(run.root)
+    check_unchanged(recorded, list(recorded), "--resume")
     return run
 
 

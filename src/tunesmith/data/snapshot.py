@@ -99,13 +99,6 @@ def read_snapshot(root: Path) -> Snapshot:
     return snap
 
 
-def file_hashes(paths: Iterable[str]) -> dict[str, str]:
-    """Each path -> its SHA-256 (of every file, for a folder)."""
-    from tunesmith.data import file_sha256
-
-    return {str(p): file_sha256(p) for p in paths}
-
-
 def check_unchanged(recorded: dict[str, str], paths: Iterable[str | Path], what: str) -> None:
     """Refuse, with both hashes, when one of `paths` that the run recorded has changed since training."""
     from tunesmith.data import file_sha256
