@@ -188,14 +188,16 @@ def serve(config: ServeConfig, echo: Callable[[str], None] = print) -> int:
 
     sock = bind(config.host, config.port)
     served = None
-    try:  # the log is opened first: a path that can't be one fails before the model loads
-        request_log = RequestLog(config.log or open_run(config.run).root / DEFAULT_NAME,
-                                 log_content=config.log_content)
+    try:
+        log_path = Path(config.log or open_run(config.run).root / DEFAULT_NAME)
+        if log_path.exists():  # an existing file that can't be a log fails before the model loads
+            RequestLog(log_path).close()
         served = load_served(config, echo)
         if config.parity:
             check_served_parity(served, echo)
         else:
             echo("parity: not checked (--no-parity)")
+        request_log = RequestLog(log_path, log_content=config.log_content)  # made only once serving can start
         options = ServeOptions(max_tokens=config.max_tokens, timeout_s=config.timeout_s, api_key=config.api_key)
         app = create_app(served, request_log, options)
         app.state.ready = True
