@@ -37,6 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", parents=[common, recipe_args], help="fine-tune as the recipe says")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--nproc", type=positive_int, default=None,
+                   help="train on N processes of this machine (torchrun; one per GPU): sets distributed.nproc")
+    p.add_argument("--force", action="store_true", help="train even when the plan says it will not fit")
+
+    p = sub.add_parser("launch", parents=[common, recipe_args], help="train on several machines (torchrun): print "
+                       "each machine's command, or run this machine's share")
+    p.add_argument("--print", dest="print_only", action="store_true", help="print one torchrun command per machine")
+    p.add_argument("--nnodes", type=positive_int, default=None, help="machines (default: distributed.nnodes)")
+    p.add_argument("--nproc", type=positive_int, default=None,
+                   help="processes per machine (default: distributed.nproc)")
+    p.add_argument("--master", default=None, metavar="HOST[:PORT]",
+                   help="node 0's address that every machine can reach (default port 29500)")
+    p.add_argument("--node-rank", type=non_negative_int, default=0, help="this machine's number, 0 to nnodes-1")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
 
     data = sub.add_parser("data", parents=[common], help="check, clean, split, balance, grow and preview data")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
@@ -229,6 +243,8 @@ def _dispatch(argv: list[str]) -> int:
     except TunesmithError as exc:
         if getattr(args, "debug", False):
             raise
+        if exc.silent:
+            return exc.exit_code
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
@@ -279,15 +295,54 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from tunesmith import distributed
     from tunesmith.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    overrides = list(args.overrides) + ([f"distributed.nproc={args.nproc}"] if args.nproc else [])
+    recipe = load_recipe(args.recipe, overrides)
+    distributed.check_device(recipe.distributed, str(args.recipe))
+    if distributed.needs_launcher(recipe.distributed) and not distributed.launched():
+        from tunesmith.launch import run_here, worker_arguments
+
+        if recipe.distributed.nnodes > 1:
+            raise TunesmithError(f"distributed.nnodes = {recipe.distributed.nnodes}: `train` starts processes on this "
+                                 "machine only", "print each machine's command with `tunesmith launch RECIPE --print`")
+        return run_here(recipe.distributed, worker_arguments(args.recipe, overrides, args.resume, args.force))
     _quiet_libraries()
     from tunesmith.train import train_run
 
-    train_run(recipe, resume=args.resume, recipe_path=args.recipe)
-    _write_report(recipe.output.dir)
+    train_run(recipe, resume=args.resume, recipe_path=args.recipe, force=args.force)
+    if distributed.is_main():
+        _write_report(recipe.output.dir)
     return 0
+
+
+def cmd_launch(args) -> int:
+    from tunesmith import distributed
+    from tunesmith.launch import DEFAULT_PORT, cluster_commands, run_here, worker_arguments
+    from tunesmith.recipe import load_recipe
+
+    sizes = [f"distributed.{key}={value}" for key, value in (("nproc", args.nproc), ("nnodes", args.nnodes)) if value]
+    overrides = list(args.overrides) + sizes
+    recipe = load_recipe(args.recipe, overrides)
+    d = recipe.distributed
+    if args.node_rank >= d.nnodes:
+        raise TunesmithError(f"--node-rank {args.node_rank}: there are {d.nnodes} machine(s), numbered 0 to "
+                             f"{d.nnodes - 1}", "give each machine its own number below --nnodes")
+    if args.print_only:
+        print(cluster_commands(d, args.recipe, list(args.overrides), args.master or f"NODE0_HOST:{DEFAULT_PORT}",
+                               args.resume))
+        return 0
+    distributed.check_device(d, str(args.recipe))
+    if d.nnodes > 1 and not args.master:
+        raise TunesmithError("--master: a run over several machines needs node 0's address",
+                             f"give --master HOST:{DEFAULT_PORT} on every machine (the same on all)")
+    if args.master:
+        from tunesmith.launch import split_master
+
+        split_master(args.master)
+    return run_here(d, worker_arguments(args.recipe, overrides, args.resume, False), nnodes=d.nnodes,
+                    node_rank=args.node_rank, master=args.master)
 
 
 def cmd_data(args) -> int:
@@ -587,7 +642,7 @@ def cmd_serve(args) -> int:
         return 0
 
 
-COMMANDS = {"init": cmd_init, "validate": cmd_validate, "train": cmd_train, "data": cmd_data,
+COMMANDS = {"init": cmd_init, "validate": cmd_validate, "train": cmd_train, "launch": cmd_launch, "data": cmd_data,
             "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "score": cmd_score, "report": cmd_report,
             "review": cmd_review, "export": cmd_export, "compare": cmd_compare, "predict": cmd_predict,
             "methods": cmd_methods, "serve": cmd_serve, "monitor": cmd_monitor, "retrain": cmd_retrain}

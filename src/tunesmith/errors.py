@@ -7,6 +7,7 @@ class TunesmithError(Exception):
     """Base of every error tunesmith raises on purpose; the CLI shows it without a traceback."""
 
     exit_code = 2
+    silent = False  # the CLI prints nothing (another process has said why)
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)

@@ -141,6 +141,50 @@ class OutputSection(Strict):
     overwrite: bool = Field(False, description="replace an existing finished run folder")
 
 
+STRATEGIES = ("auto", "none", "ddp", "fsdp", "deepspeed")
+
+
+class FsdpSection(Strict):
+    """FSDP2 (torch's `fully_shard`) settings, read when `distributed.strategy` is fsdp."""
+
+    auto_wrap: str | None = Field(None, min_length=1, description="the module class each shard unit wraps (null: "
+                                                                  "the model's decoder layer, e.g. LlamaDecoderLayer)")
+    state_dict_type: Literal["full", "sharded"] = Field("full", description="how checkpoints are written: one full "
+                                                                            "state dict, or a shard per rank")
+    reshard_after_forward: bool = Field(True, description="free gathered weights after each layer's forward (less "
+                                                          "memory, one more all-gather in the backward)")
+
+
+class DistributedSection(Strict):
+    """Training on more than one process: torch DDP, FSDP2 or DeepSpeed ZeRO, launched through torchrun."""
+
+    strategy: Literal["auto", "none", "ddp", "fsdp", "deepspeed"] = Field(
+        "auto", description="auto: one process is none, more are ddp; fsdp shards weights, gradients and optimizer "
+                            "states (GPUs only); deepspeed: ZeRO stage `zero_stage`")
+    nproc: int = Field(1, ge=1, le=1024, description="processes per machine (one per GPU; `tunesmith train --nproc N` "
+                                                     "sets it)")
+    nnodes: int = Field(1, ge=1, le=4096, description="machines (`tunesmith launch RECIPE --print` gives each one's "
+                                                      "command)")
+    zero_stage: Literal[2, 3] = Field(2, description="deepspeed: 2 shards gradients and optimizer states, 3 also the "
+                                                     "weights")
+    offload: Literal["none", "optimizer", "parameters"] = Field(
+        "none", description="deepspeed/fsdp: move optimizer states (or parameters too: zero_stage 3 or fsdp) to CPU "
+                            "memory")
+    fsdp: FsdpSection = Field(FsdpSection(), description="fsdp's settings")
+    timeout_s: int = Field(600, ge=10, le=86_400, description="a collective (all-reduce, barrier) that takes longer "
+                                                              "stops every rank with the rank and step named")
+
+    def effective(self) -> str:
+        """The strategy in effect: `auto` is none for one process and ddp for more."""
+        if self.strategy != "auto":
+            return self.strategy
+        return "ddp" if self.world_size > 1 else "none"
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+
 class Recipe(Strict):
     model: ModelSection = Field(ModelSection(), description="the base model")
     data: DataSection = Field(description="the training (and validation) data")
@@ -149,6 +193,7 @@ class Recipe(Strict):
     train: TrainSection = Field(TrainSection(), description="the optimizer and the training loop")
     eval: EvalSection = Field(EvalSection(), description="what is measured around training")
     output: OutputSection = Field(OutputSection(), description="where the run folder goes")
+    distributed: DistributedSection = Field(DistributedSection(), description="more than one process or machine")
 
     def to_yaml(self) -> str:
         """The resolved recipe, every default filled in, as YAML."""
@@ -157,6 +202,7 @@ class Recipe(Strict):
 
 SECTIONS: dict[str, type[Strict]] = {
     "model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection, "output": OutputSection,
+    "distributed": DistributedSection,
 }
 
 
@@ -447,6 +493,7 @@ def _cross_checks(s: dict[str, Any], table: Mapping[str, MethodSchema]) -> list[
                            "or a `data.validation_fraction` above 0")
     if data and data.format == "classification" and data.labels is not None and len(set(data.labels)) < 2:
         out.append(f"`data.labels`: {data.labels!r} — a classifier needs at least two distinct labels")
+    out.extend(_distributed_problems(s.get("distributed"), train, s.get("method"), table))
     method = s.get("method")
     if method is None:
         return out
@@ -459,6 +506,41 @@ def _cross_checks(s: dict[str, Any], table: Mapping[str, MethodSchema]) -> list[
         out.extend(method.problems(train, data))
         if entry.check is not None:
             out.extend(entry.check(method, train, data))
+    return out
+
+
+def _distributed_problems(d: DistributedSection | None, train: TrainSection | None, method: MethodParams | None,
+                          table: Mapping[str, MethodSchema]) -> list[str]:
+    """What the `distributed` section can't do, by itself and with the method and `train` (the device is checked
+    later, by tunesmith.distributed.device_problems, before anything loads)."""
+    if d is None:
+        return []
+    out = []
+    strategy = d.effective()
+    if strategy == "none" and d.world_size > 1:
+        out.append(f"`distributed.strategy`: none runs one process, but nproc x nnodes = {d.world_size}; "
+                   "set distributed.strategy=ddp (or auto)")
+    if d.offload == "parameters" and strategy == "deepspeed" and d.zero_stage != 3:
+        out.append("`distributed.offload`: parameters needs ZeRO stage 3 (stage 2 keeps every weight on each "
+                   "device); set distributed.zero_stage=3 or distributed.offload=optimizer")
+    if d.offload == "optimizer" and strategy == "fsdp":
+        out.append("`distributed.offload`: fsdp offloads parameters with their optimizer states, not the states "
+                   "alone; set distributed.offload=parameters (or none)")
+    if d.offload != "none" and strategy in ("none", "ddp"):
+        out.append(f"`distributed.offload`: {d.offload} needs strategy deepspeed or fsdp (ddp and one process "
+                   "keep everything on the device); set distributed.offload=none")
+    if method is not None and strategy != "none":
+        allowed = getattr(table[method.name], "strategies", ("none",))
+        if strategy not in allowed:
+            out.append(f"`distributed.strategy`: {strategy} can't train `method: {method.name}`; it trains with "
+                       f"{', '.join(allowed)}" + ("" if len(allowed) > 1 else " (one process: it runs its own loop)"))
+        elif strategy in ("deepspeed", "fsdp") and getattr(method, "adapter", None) == "qlora":
+            out.append(f"`distributed.strategy`: {strategy} can't shard qlora's 4-bit weights here; use ddp, or "
+                       "method.adapter=lora")
+    if train is not None and train.keep_best and strategy in ("fsdp", "deepspeed") and \
+            (strategy == "fsdp" or d.zero_stage == 3):
+        out.append(f"`train.keep_best`: with {strategy} sharding the weights each rank holds only its shard of them; "
+                   "set train.keep_best=false (or zero_stage=2, or ddp)")
     return out
 
 

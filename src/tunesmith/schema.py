@@ -66,6 +66,7 @@ class MethodSchema(Protocol):
     record_types: tuple[str, ...]
     metrics: tuple[str, ...]
     check: Callable[..., list[str]] | None
+    strategies: tuple[str, ...]  # distributed strategies it trains under ("none": one process only)
 
 
 @dataclass(frozen=True)

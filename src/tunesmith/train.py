@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tunesmith import artifacts
+from tunesmith import artifacts, distributed
 from tunesmith.artifacts import RunDir
 from tunesmith.data import check_reject_share, file_sha256, prepare_data, write_rejects
 from tunesmith.data.format import Encoded, encode, end_of_turn_ids, stats
@@ -31,31 +31,35 @@ class EncodedData:
 
 
 def train_run(recipe: Recipe, resume: bool = False, callbacks: list | None = None,
-              echo: Callable[[str], None] = print, recipe_path: str | Path | None = None) -> dict[str, Any]:
+              echo: Callable[[str], None] = print, recipe_path: str | Path | None = None,
+              force: bool = False) -> dict[str, Any]:
     """Train as the recipe says and write a complete run folder; return the manifest.
 
     A new run is built in a folder beside `output.dir` and moved into place only once the data has been read and
     has passed its checks; an existing run there is replaced only with `output.overwrite` and only when tunesmith
-    made it. `recipe_path` (the recipe file) is one of the inputs the run folder may never swallow.
+    made it. `recipe_path` (the recipe file) is one of the inputs the run folder may never swallow. A run the plan
+    says will not fit is refused unless `force`. Under torchrun every rank calls this; rank 0 alone writes.
     """
     started = time.time()
     method = REGISTRY[recipe.method.name]
-    target = Path(recipe.output.dir)
-    if resume:
-        stage = reopen_run(recipe)
-    else:
-        check_target(target, recipe.output.overwrite, recipe_inputs(recipe, recipe_path))
-        stage = RunDir(artifacts.new_staging(target))
-        (stage.root / artifacts.RUN_MARKER).write_text("made by tunesmith train\n")
-    shown = RunDir(target)  # the paths printed are where the run will be
+    distributed.start(recipe.distributed)  # in a launched run: the process group; only rank 0 writes and prints
+    if not distributed.is_main():
+        echo = _quiet
     t = time.time()
-    try:
-        data, encoded, source, tokenizer = prepare_stage(recipe, method, stage, shown, echo)
-    except BaseException as exc:
-        if not resume:
-            keep_failed_stage(stage, target, exc)
-        raise
-    run = stage if resume else place_run(stage, target)
+    if distributed.is_main():
+        try:
+            run, data, encoded, source, tokenizer = open_run(recipe, method, resume, recipe_path, echo)
+        except BaseException:
+            distributed.share(None)  # the other ranks stop too
+            raise
+        distributed.share((str(run.root), encoded))
+    else:
+        shared = distributed.share()
+        if shared is None:
+            raise RankStopped("rank 0 stopped before training (its error is above)")
+        run, data, encoded = RunDir(Path(shared[0])), None, shared[1]
+        source = resolve_model(recipe.model.name, recipe.model.cache_dir)  # rank 0 converted it already
+        tokenizer = load_tokenizer(source)
     timings: dict[str, float] = {"data_seconds": round(time.time() - t, 2)}
 
     from tunesmith.methods.common import Job
@@ -71,6 +75,9 @@ def train_run(recipe: Recipe, resume: bool = False, callbacks: list | None = Non
               callbacks=list(callbacks or []))
     outcome = method.train(job)
     timings["train_seconds"] = round(outcome.seconds, 2)
+    if not distributed.is_main():
+        distributed.finish()
+        return {}
 
     save_tokenizer_and_generation(run, tokenizer, source)
     manifest = {
@@ -102,7 +109,39 @@ def train_run(recipe: Recipe, resume: bool = False, callbacks: list | None = Non
     artifacts.write_json(run.manifest, manifest)
     (run.root / ".losses_before.json").unlink(missing_ok=True)
     echo(train_summary(manifest, run))
+    distributed.finish()
     return manifest
+
+
+def open_run(recipe: Recipe, method, resume: bool, recipe_path: str | Path | None, echo: Callable[[str], None]):
+    """The run folder, ready to train in: a new one staged beside `output.dir`, filled with the checked data and
+    moved into place once it fits (or the run to resume, its inputs unchanged); the data, formatted rows, model
+    source and tokenizer."""
+    target = Path(recipe.output.dir)
+    if resume:
+        stage = reopen_run(recipe)
+    else:
+        check_target(target, recipe.output.overwrite, recipe_inputs(recipe, recipe_path))
+        stage = RunDir(artifacts.new_staging(target))
+        (stage.root / artifacts.RUN_MARKER).write_text("made by tunesmith train\n")
+    shown = RunDir(target)  # the paths printed are where the run will be
+    try:
+        data, encoded, source, tokenizer = prepare_stage(recipe, method, stage, shown, echo)
+    except BaseException as exc:
+        if not resume:
+            keep_failed_stage(stage, target, exc)
+        raise
+    return (stage if resume else place_run(stage, target)), data, encoded, source, tokenizer
+
+
+class RankStopped(TunesmithError):
+    """A rank other than 0 stops because rank 0 did (rank 0 has printed why)."""
+
+    silent = True
+
+
+def _quiet(text: str) -> None:
+    """Ranks other than 0 print nothing: rank 0 speaks for the run."""
 
 
 def prepare_stage(recipe: Recipe, method, stage: RunDir, shown: RunDir, echo: Callable[[str], None]):
@@ -215,13 +254,27 @@ def reopen_run(recipe: Recipe) -> RunDir:
     run = RunDir(Path(recipe.output.dir))
     if not run.recipe.exists():
         raise RunError(f"{run.root}: nothing to resume (no recipe.yaml)", "run without --resume to start")
-    if run.recipe.read_text() != recipe.to_yaml():
+    before, now = resumable(run.recipe.read_text()), resumable(recipe.to_yaml())
+    if before != now:
         raise RunError(f"{run.root}: the recipe differs from the one this run started with: "
-                       f"{recipe_changes(run.recipe.read_text(), recipe.to_yaml())}",
+                       f"{recipe_changes(before, now)}",
                        f"resume with the same recipe and overrides (see {run.recipe})")
     recorded = recorded_hashes(run.root)
     check_unchanged(recorded, list(recorded), "--resume")
     return run
+
+
+def resumable(recipe_yaml: str) -> str:
+    """A resolved recipe as resume compares it: the number of processes and machines may change (the Trainer
+    reloads DDP and ZeRO checkpoints at another world size); a run from before `distributed` existed had none."""
+    import yaml
+
+    from tunesmith.recipe import DistributedSection
+
+    raw = yaml.safe_load(recipe_yaml)
+    section = {**DistributedSection().model_dump(mode="json"), **(raw.get("distributed") or {})}
+    raw["distributed"] = {k: v for k, v in section.items() if k not in ("nproc", "nnodes")}
+    return yaml.safe_dump(raw, sort_keys=False)
 
 
 def check_gate(data, recipe: Recipe, run: RunDir, echo: Callable[[str], None], shown: RunDir | None = None) -> None:

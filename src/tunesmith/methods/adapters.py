@@ -452,6 +452,14 @@ def save_adapter(model, params, folder_root: RunDir, tokenizer=None) -> str:
     peft adapters: a standard peft folder `adapter/`; bottleneck adapters: `adapter/bottleneck.*` (with a trained
     classification head, if any); freeze and full: the whole model in transformers format in `model/`.
     """
+    from tunesmith import distributed
+
+    with distributed.gathered(model):  # every rank enters (ZeRO-3 gathers the weights); rank 0 writes
+        return _save_adapter(model, params, folder_root, tokenizer) if distributed.is_main() else \
+            ADAPTERS[params.adapter].saved.replace("bottleneck", "adapter")
+
+
+def _save_adapter(model, params, folder_root: RunDir, tokenizer=None) -> str:
     spec = ADAPTERS[params.adapter]
     if spec.saved == "adapter":
         with staged_dir(folder_root.adapter, replace=True) as stage:

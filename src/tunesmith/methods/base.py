@@ -8,6 +8,9 @@ from typing import Any, Callable
 from tunesmith.schema import MethodParams
 
 
+TRAINER_STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")  # what a transformers/TRL Trainer runs under
+
+
 @dataclass(frozen=True)
 class Method:
     """One entry of the registry. `train(job)` runs the method and returns a TrainOutcome.
@@ -27,6 +30,8 @@ class Method:
     rows and predict points to `tunesmith score`. `models_line(params)`, for runs whose models come from elsewhere
     (an ensemble's members), is the line train prints instead of the model's; each of those models then reads the
     texts with its own tokenizer. `summary_rows(losses)` adds the method's own lines to train's summary table.
+    `strategies`: how it may train on several processes (`distributed.strategy`); a method with its own loop
+    (ppo, features, fewshot, ensemble) trains on one.
     """
 
     name: str
@@ -43,6 +48,7 @@ class Method:
     scores_replies: bool = False  # a reward model: scores replies to prompts (eval on preference rows, `score`)
     models_line: Callable[[MethodParams], str] | None = None  # its models come from elsewhere: what train prints
     summary_rows: Callable[[dict[str, Any]], list[tuple[str, str]]] | None = None  # its own summary-table lines
+    strategies: tuple[str, ...] = ("none",)  # distributed strategies: Trainer-based methods take TRAINER_STRATEGIES
 
 
 @dataclass

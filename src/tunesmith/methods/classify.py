@@ -35,7 +35,7 @@ from tunesmith.artifacts import atomic_write
 from tunesmith.data.format import Encoded
 from tunesmith.errors import DataError
 from tunesmith.methods.adapters import AdapterParamsMixin
-from tunesmith.methods.base import Method, TrainOutcome, padded_batches
+from tunesmith.methods.base import TRAINER_STRATEGIES, Method, TrainOutcome, padded_batches
 from tunesmith.schema import MethodParams, Strict
 
 TASK = "seq-cls"
@@ -461,8 +461,11 @@ def write_labels(root: Path, classes: tuple[str, ...], pad_token_id: int | None,
                  padding_side: str = "right", pooling: str = "model", template: str | None = None) -> None:
     """`labels.json`: the label of each head output (id ↔ label) and what a plain reload needs (`template`: the
     prompt each text is put in before tokenizing, `{text}` marking its place; null = the text alone)."""
+    from tunesmith import distributed
     from tunesmith.artifacts import write_json
 
+    if not distributed.is_main():
+        return
     write_json(root / "labels.json", {
         "labels": list(classes), "id2label": {str(i): label for i, label in enumerate(classes)},
         "label2id": {label: i for i, label in enumerate(classes)}, "num_labels": len(classes),
@@ -658,6 +661,7 @@ METHOD = Method(
     check=padded_batches("each row is classified on its own, so batches are padded"),
     metrics=("loss", "accuracy"),
     export=export,
+    strategies=TRAINER_STRATEGIES,
     summary_rows=lambda losses: [] if losses.get("probe_train_accuracy") is None else [
         ("head init", f"linear probe, training accuracy {losses['probe_train_accuracy']:.4f} "
                       f"({losses['probe_seconds']:.1f} s)")],

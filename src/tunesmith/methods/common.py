@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunesmith import distributed
 from tunesmith.artifacts import RunDir, atomic_write, truncate_metrics
 from tunesmith.data.format import Encoded
 from tunesmith.errors import RunError
@@ -93,6 +94,7 @@ def trainer_arguments(job: Job) -> dict[str, Any]:
         report_to=["tensorboard"], disable_tqdm=False, dataloader_num_workers=0,
         remove_unused_columns=False, prediction_loss_only=True, logging_nan_inf_filter=False, use_cpu=not torch.cuda.is_available(),
     )
+    args.update(distributed.trainer_arguments(job.recipe.distributed))
     if t.group_by_length:  # otherwise each trainer's own default (random; TRL's KTO: sequential)
         args["train_sampling_strategy"] = "group_by_length"
     if t.warmup_steps is not None:
@@ -272,17 +274,25 @@ def run_trainer(job: Job, trainer, model) -> TrainOutcome:
         if resume_from is None:
             raise RunError(f"{job.run.checkpoints}: no checkpoint to resume from",
                            "checkpoints are written every `train.save_every` steps; run without --resume")
-        truncate_metrics(job.run.metrics, int(resume_from.name.split("-")[-1]))
-    if before_path.exists():
-        before = json.loads(before_path.read_text())
-    else:
+        if distributed.is_main():
+            truncate_metrics(job.run.metrics, int(resume_from.name.split("-")[-1]))
+    spread = job.recipe.distributed
+    distributed.check_strategy(trainer, spread, print if distributed.is_main() else lambda text: None)
+    if distributed.world_size() > 1:
+        trainer.add_callback(distributed.heartbeat_callback())
+        trainer.add_callback(distributed.wrapped_callback(trainer, spread))
+    before = distributed.share(json.loads(before_path.read_text()) if before_path.exists() else None)
+    if before is None:
         before = _losses(job, trainer) if job.recipe.eval.loss_before else {}
-        atomic_write(before_path, json.dumps(before))
+        distributed.allow_wrapping(trainer)
+        if distributed.is_main():
+            atomic_write(before_path, json.dumps(before))
     start_epoch = 0.0
     if resume_from is not None:
         start_epoch = json.loads((resume_from / "trainer_state.json").read_text()).get("epoch", 0.0)
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with distributed.collectives_watched(trainer, spread):
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.time() - t0
     after = _losses(job, trainer)  # the last weights: a keep-best candidate too
     check_finite({f"{k}_loss": v for k, v in after.items()}, trainer.state.global_step, job.recipe.train.learning_rate)
@@ -322,12 +332,21 @@ def _losses(job: Job, trainer) -> dict[str, float]:
     return out
 
 
-def trained_token_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
+def token_ranks(trainer) -> int:
+    """What a token-summed loss is multiplied by, as the Trainer's own compute_loss does: with
+    `num_items_in_batch` counted over every rank, each rank's loss is its share of the global mean, and DDP then
+    averages the gradients over the ranks — so each loss is scaled by their number (1 on one process)."""
+    return trainer.accelerator.num_processes if trainer.args.average_tokens_across_devices else 1
+
+
+def trained_token_loss(model, inputs: dict[str, Any], num_items_in_batch=None, ranks: int = 1):
     """Mean cross-entropy over the labelled tokens, computing vocabulary logits only where a label exists.
 
     Most of a chat is prompt, and the vocabulary projection (49k wide for SmolLM2) dominates memory; projecting
     only the positions that are trained on makes a step cheaper without changing the loss.
-    Returns (loss, logits of the kept positions, number of labelled tokens, number of correct top-1 tokens).
+    `num_items_in_batch`: the labelled tokens of the whole step (over accumulation and ranks; `ranks`: see
+    token_ranks). Returns (loss, logits of the kept positions, number of labelled tokens, number of correct top-1
+    tokens).
     """
     import torch
     import torch.nn.functional as F
@@ -351,6 +370,8 @@ def trained_token_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
     total = per_token.sum()
     denominator = num_items_in_batch if num_items_in_batch is not None else count
     loss = total / torch.as_tensor(denominator, device=total.device).clamp(min=1)
+    if num_items_in_batch is not None and ranks > 1:  # a count over every rank (see token_ranks)
+        loss = loss * ranks
     with torch.no_grad():
         correct = ((logits.argmax(-1) == targets) & (targets != -100)).sum()
     return loss, logits, count, correct

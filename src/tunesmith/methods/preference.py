@@ -29,7 +29,8 @@ from pydantic_core import PydanticCustomError
 from tunesmith.data.format import IGNORE, Encoded, preference_pair, prompt_messages, to_messages
 from tunesmith.errors import DataError, RecipeError
 from tunesmith.methods.adapters import AdapterParamsMixin
-from tunesmith.methods.base import Method, TrainOutcome, all_checks, own_batches, padded_batches
+from tunesmith.methods.base import (TRAINER_STRATEGIES, Method, TrainOutcome, all_checks, own_batches,
+                                    padded_batches)
 from tunesmith.schema import MethodParams, PathKey
 
 # DPOConfig.loss_type in TRL 1.16 (its field help and DPOTrainer's "Unknown loss type" list; a test keeps them equal)
@@ -475,10 +476,12 @@ def _orpo_trainer_class():
 
 METHODS = (
     Method(name="dpo", summary="direct preference optimization on preference pairs, any TRL loss (sigmoid, ipo, …)",
-           params=DPOParams, record_types=("preference",), train=train_dpo, encode=encode_pairs, check=PADDED),
+           params=DPOParams, record_types=("preference",), train=train_dpo, encode=encode_pairs, check=PADDED,
+           strategies=TRAINER_STRATEGIES),
     Method(name="kto", summary="KTO on desirable/undesirable replies (from pairs, or rows with a boolean label)",
            params=KTOParams, record_types=("preference", "chat", "instruction"), train=train_kto,
-           encode=encode_unpaired, check=all_checks(PADDED, kto_problems)),
+           encode=encode_unpaired, check=all_checks(PADDED, kto_problems), strategies=TRAINER_STRATEGIES),
     Method(name="orpo", summary="ORPO: SFT on the chosen reply plus an odds-ratio preference term, no reference",
-           params=ORPOParams, record_types=("preference",), train=train_orpo, encode=encode_pairs, check=PADDED),
+           params=ORPOParams, record_types=("preference",), train=train_orpo, encode=encode_pairs, check=PADDED,
+           strategies=TRAINER_STRATEGIES),
 )

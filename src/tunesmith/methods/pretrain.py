@@ -25,7 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from tunesmith.data.format import IGNORE, Encoded, encode_text, pad_token_id
 from tunesmith.methods.adapters import AdapterParamsMixin
-from tunesmith.methods.base import Method, TrainOutcome
+from tunesmith.methods.base import TRAINER_STRATEGIES, Method, TrainOutcome
 from tunesmith.schema import MethodParams
 
 
@@ -132,11 +132,11 @@ def _trainer_class():
     """transformers' Trainer with tunesmith's causal-LM loss (vocabulary logits only where a label exists)."""
     from transformers import Trainer
 
-    from tunesmith.methods.common import trained_token_loss
+    from tunesmith.methods.common import token_ranks, trained_token_loss
 
     class PretrainTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, logits, _, _ = trained_token_loss(model, inputs, num_items_in_batch)
+            loss, logits, _, _ = trained_token_loss(model, inputs, num_items_in_batch, token_ranks(self))
             return (loss, {"loss": loss, "logits": logits}) if return_outputs else loss
 
     return PretrainTrainer
@@ -170,4 +170,5 @@ METHOD = Method(
     record_types=("text",),
     train=train,
     encode=encode_documents,
+    strategies=TRAINER_STRATEGIES,
 )

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from tunesmith.methods.adapters import (AdapterParamsMixin, LoraParams, keep_adapter_sums_in_fp32,  # noqa: F401
                                         use_fast_dropout)
-from tunesmith.methods.base import Method, TrainOutcome
+from tunesmith.methods.base import TRAINER_STRATEGIES, Method, TrainOutcome
 from tunesmith.schema import MethodParams
 
 
@@ -49,11 +49,11 @@ def _trainer_class():
     """TRL's SFTTrainer with a loss that projects to the vocabulary only at trained positions."""
     from trl import SFTTrainer
 
-    from tunesmith.methods.common import trained_token_loss
+    from tunesmith.methods.common import token_ranks, trained_token_loss
 
     class TunesmithSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, logits, count, correct = trained_token_loss(model, inputs, num_items_in_batch)
+            loss, logits, count, correct = trained_token_loss(model, inputs, num_items_in_batch, token_ranks(self))
             mode = "train" if model.training else "eval"
             self._metrics[mode]["mean_token_accuracy"].append((correct / count.clamp(min=1)).item())
             if mode == "train":
@@ -90,4 +90,5 @@ METHOD = Method(
     params=SFTParams,
     record_types=("chat", "instruction", "classification", "text", "preference"),  # preference: the chosen reply
     train=train,
+    strategies=TRAINER_STRATEGIES,
 )

@@ -1,0 +1,632 @@
+"""`tunesmith plan`: will this recipe fit, and how long will it take — answered before anything heavy loads.
+
+The analytic plan reads the model's config (no weights: the parameter counts come from the model built on torch's
+`meta` device with the recipe's real adapter applied) and the encoded rows, and adds up, per device:
+
+    weights (4-bit for qlora) · gradients and AdamW states of the trainable parameters · activations of the longest
+    batch · logits over the vocabulary · reference / reward models · the KV cache of generation
+
+split by `distributed` (ddp: a full copy each; deepspeed ZeRO-2: gradients and optimizer states / world size; ZeRO-3
+and fsdp: the weights too; offload: to CPU memory). The verdict compares the peak with the device's memory, and a
+plan that will not fit lists fixes, cheapest first, each re-estimated. `tunesmith plan --probe` measures instead
+(plan_probe.py). The constants below were measured on this project's CPU (see BENCHMARKS.md, "Plan accuracy").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from tunesmith.errors import RunError, TunesmithError
+from tunesmith.recipe import Recipe
+
+GB = 1024**3
+TIGHT = 0.85  # above this share of the device's memory the verdict is "tight"
+GPU_DEFAULT_BYTES = 80 * 10**9  # `--device cuda` with no GPU here: an 80 GB card (H100 / A100 80GB)
+# What the process holds before the model loads (python, torch, transformers, trl, tokenizer, rows): measured RSS
+# after `tunesmith train`'s imports and data preparation on this CPU, 2026-12-07 (0.71-0.78 GB). CUDA: the context.
+RUNTIME_BYTES = {"cpu": int(0.75 * GB), "cuda": int(0.5 * GB)}
+
+# Activations autograd saves per token per decoder layer, as (c × hidden + 4 × intermediate) fp32 values: counted
+# with torch.autograd.graph.saved_tensors_hooks on SmolLM2 (30 layers, hidden 576, intermediate 1536; sdpa,
+# torch 2.13 CPU), parameters excluded, storages counted once. 4 × intermediate is the MLP (gate, up, silu(gate),
+# their product); c × hidden the norms, q/k/v after RoPE, attention output and what the adapter adds. A token of
+# a LoRA layer with dropout saves its dropped copy of every adapted input: 13.05 against 6.88 without dropout.
+ACTIVATION_C = {"full": 8.69, "freeze": 8.69, "lora": 6.88, "lora_dropout": 13.05, "dora": 47.5, "ia3": 5.38,
+                "adapter": 4.52, "prefix": 4.18, "prompt": 4.18}
+EDGE_VALUES = 3  # × hidden per token outside the layers (embedding output, final norm), same count
+# The loss's share: trained_token_loss keeps logits (batch × trained positions × vocabulary, fp32) and
+# cross-entropy's log-softmax, and the backward adds the gradient of both: LOGIT_COPIES fp32 copies at its peak.
+LOGIT_COPIES = 3
+# TRL's chunked log-probabilities (dpo, kto, orpo, grpo, rloo: `fused_lm_head`) hold one chunk of logits and its
+# log-softmax, for every position of every sequence, the reference's forward included.
+FUSED_LOGIT_COPIES = 2
+MIXED_ACTIVATION_SHARE = 0.6  # bf16/fp16 autocast: matmul outputs are half width, norms stay fp32 (not measured here)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How a method's step uses memory (the planner's only per-method knowledge; a method not listed trains like
+    sft)."""
+
+    task: str = "causal-lm"  # or "seq-cls": a classification head instead of the vocabulary
+    loss: str = "trained"  # trained: logits at labelled positions · fused: TRL log-probs at every position ·
+    # head: a small head · generated: log-softmax over the sampled replies (ppo)
+    sequences: int = 1  # sequences per row in a batch beyond what the row holds (kto: the row and its KL partner)
+    reference: bool = False  # a frozen reference model (when its params' beta / kl_coef is above 0)
+    generates: bool = False  # samples replies while training (KV cache)
+    value_head: bool = False
+    trains: bool = True  # False: nothing back-propagates (features, fewshot, ensemble)
+
+
+SHAPES: dict[str, Shape] = {
+    "sft": Shape(), "pretrain": Shape(),
+    "classify": Shape(task="seq-cls", loss="head"), "reward": Shape(task="seq-cls", loss="head"),
+    "dpo": Shape(loss="fused", reference=True), "kto": Shape(loss="fused", sequences=2, reference=True),
+    "orpo": Shape(loss="fused"),
+    "grpo": Shape(loss="fused", reference=True, generates=True),
+    "rloo": Shape(loss="fused", reference=True, generates=True),
+    "ppo": Shape(loss="generated", reference=True, generates=True, value_head=True),
+    "features": Shape(trains=False), "fewshot": Shape(trains=False), "ensemble": Shape(trains=False),
+}
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the plan needs of the model: its shape from config.json and parameter counts from the meta model."""
+
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_width: int  # key/value heads × head dim
+    vocab: int
+    total: int  # parameters (the head included)
+    linear: int  # parameters of the decoder layers' linear layers (what qlora stores in 4 bits)
+    largest_layer: int  # parameters of one decoder layer (what fsdp / ZeRO-3 gather at a time)
+    trainable: dict[str, int] = field(default_factory=dict)  # adapter -> trainable parameters
+    reward_params: int = 0  # the reward run's model (grpo, rloo, ppo with method.reward_model)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The recipe's knobs that move the estimate (a fix changes some and is estimated again)."""
+
+    adapter: str
+    batch_size: int
+    accumulation: int
+    max_seq_len: int
+    checkpointing: bool
+    precision: str
+    strategy: str
+    world_size: int
+    zero_stage: int
+    offload: str
+    dropout: bool  # LoRA dropout above 0 (its dropped copies are saved)
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    bytes: int
+    note: str = ""
+    host: bool = False  # offloaded to CPU memory: not on the device
+
+
+@dataclass
+class Fix:
+    what: str  # in recipe wording, e.g. "train.batch_size=4 train.gradient_accumulation=2"
+    why: str
+    peak: int
+    verdict: str
+
+
+@dataclass
+class Plan:
+    """The analytic plan of one recipe on one device (per device under its distributed strategy)."""
+
+    method: str
+    model: ModelFacts
+    settings: Settings
+    device: str  # cpu | cuda
+    device_name: str
+    capacity: int  # bytes of memory on one device
+    terms: list[Term]
+    peak: int  # bytes on one device at the step's peak (not the sum: see `peak_of`)
+    runtime: int  # libraries / CUDA context, counted in the verdict
+    other_activations: int  # the activations with gradient checkpointing the other way
+    longest: int  # tokens in the longest sequence
+    sequences: int  # sequences in one device's micro-batch
+    rows: int
+    steps: int
+    global_batch: int
+    verdict: str
+    fixes: list[Fix] = field(default_factory=list)
+    probe: Any = None  # plan_probe.ProbeResult once measured
+
+    @property
+    def trainable(self) -> int:
+        return self.model.trainable.get(self.settings.adapter, 0)
+
+    @property
+    def share(self) -> float:
+        return (self.peak + self.runtime) / self.capacity
+
+    def biggest(self) -> Term:
+        return max((t for t in self.terms if not t.host), key=lambda t: t.bytes)
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+def model_facts(recipe: Recipe, source, num_labels: int = 2, adapters: tuple[str, ...] = ()) -> ModelFacts:
+    """The model's shape and exact parameter counts (the recipe's adapter, and `adapters`), without its weights."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", 1)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    shape = SHAPES.get(recipe.method.name, Shape())
+    with torch.device("meta"):
+        model = _meta_model(config, shape.task, num_labels)
+    total = sum(p.numel() for p in model.parameters())
+    linear, layer = _linear_params(model)
+    trainable = {}
+    for name in dict.fromkeys((getattr(recipe.method, "adapter", "full"), *adapters)):
+        trainable[name] = _trainable(recipe, config, shape, num_labels, name)
+    return ModelFacts(name=source.describe(), layers=text.num_hidden_layers, hidden=text.hidden_size,
+                      intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+                      kv_width=getattr(text, "num_key_value_heads", heads) * head_dim, vocab=text.vocab_size,
+                      total=total, linear=linear, largest_layer=layer, trainable=trainable,
+                      reward_params=_reward_params(recipe.method))
+
+
+def _meta_model(config, task: str, num_labels: int):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task == "seq-cls":
+        return AutoModelForSequenceClassification.from_config(config, num_labels=num_labels)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _linear_params(model) -> tuple[int, int]:
+    """(parameters of the decoder layers' linear layers, parameters of the largest decoder layer)."""
+    from torch import nn
+
+    from tunesmith.methods.bottleneck import decoder_layers
+
+    _, layers = decoder_layers(model)
+    linear = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+                 for layer in layers for m in layer.modules() if isinstance(m, nn.Linear))
+    return linear, max(sum(p.numel() for p in layer.parameters()) for layer in layers)
+
+
+def _trainable(recipe: Recipe, config, shape: Shape, num_labels: int, adapter: str) -> int:
+    """Trainable parameters under `adapter`: the meta model wrapped exactly as the method wraps it."""
+    import torch
+
+    from tunesmith.methods.adapters import AdapterParamsMixin, apply_adapter
+
+    if not shape.trains:
+        return 0
+    params = recipe.method
+    if getattr(params, "adapter", None) != adapter:
+        params = AdapterParamsMixin(adapter=adapter) if not hasattr(params, "adapter") else \
+            params.model_copy(update={"adapter": adapter})
+    if adapter == "prompt" and params.prompt.init_text:  # same count; the text's embeddings need real weights
+        params = params.model_copy(update={"prompt": params.prompt.model_copy(update={"init_text": None})})
+    with torch.device("meta"):
+        model = apply_adapter(_meta_model(config, shape.task, num_labels), params, shape.task)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return count + (config.get_text_config().hidden_size + 1 if shape.value_head else 0)
+
+
+def _reward_params(params) -> int:
+    """Parameters of the reward model a run scores replies with (its manifest's count; 0 for a function)."""
+    import json
+    from pathlib import Path
+
+    folder = getattr(params, "reward_model", None)
+    if not folder:
+        return 0
+    try:
+        return int(json.loads((Path(folder) / "manifest.json").read_text())["training"]["total_params"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+# ----------------------------------------------------------------------------------------------- the rows
+
+
+def row_sequences(row) -> list[tuple[int, int]]:
+    """Each sequence the model runs for one encoded row: (length, first position whose next token is labelled)."""
+    if hasattr(row, "rejected_ids"):  # reward pairs
+        return [(len(row.input_ids), 0), (len(row.rejected_ids), 0)]
+    labels = list(getattr(row, "labels", []) or [])
+    if len(labels) != len(row.input_ids):  # classification rows: one label id for the whole text
+        return [(len(row.input_ids), 0)]
+    if hasattr(row, "rejected") and hasattr(row, "chosen"):  # a preference pair: prompt+chosen, prompt+rejected
+        cut = _second_prompt(labels)
+        return [(cut, _first_label(labels[:cut])), (len(labels) - cut, _first_label(labels[cut:]))]
+    return [(len(labels), _first_label(labels))]
+
+
+def _first_label(labels: list[int]) -> int:
+    return max(0, next((i for i, x in enumerate(labels) if x != -100), len(labels)) - 1)
+
+
+def _second_prompt(labels: list[int]) -> int:
+    """Where the second sequence of a concatenated pair starts: after the first labelled run."""
+    seen = False
+    for i, x in enumerate(labels):
+        if x != -100:
+            seen = True
+        elif seen:
+            return i
+    return len(labels)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The worst micro-batch: the longest sequences, and the positions the loss projects to the vocabulary."""
+
+    sequences: int
+    longest: int
+    loss_positions: int  # per sequence (union over the batch, as trained_token_loss keeps them)
+
+
+def longest_batch(rows: list, batch_size: int, max_seq_len: int, extra: int = 1, prompt_only: int = 0) -> Batch:
+    """The batch of the `batch_size` longest rows (each row's sequences, cut to `max_seq_len`)."""
+    seqs = sorted((s for row in rows for s in row_sequences(row)), key=lambda s: -s[0])
+    per_row = max(1, len(row_sequences(rows[0]))) if rows else 1
+    top = seqs[:batch_size * per_row] or [(1, 0)]
+    longest = min(max_seq_len, top[0][0] + prompt_only)
+    start = min(s[1] for s in top)
+    return Batch(sequences=batch_size * per_row * extra, longest=longest,
+                 loss_positions=max(1, min(longest, top[0][0]) - min(start, longest - 1)))
+
+
+def count_steps(recipe: Recipe, rows: int, shape: Shape, world: int) -> tuple[int, int]:
+    """(optimizer steps, rows per optimizer step across devices), as the trainer counts them."""
+    t, p = recipe.train, recipe.method
+    if recipe.method.name == "ppo":
+        size = p.rollout_batch_size or t.batch_size
+        return (t.max_steps or max(1, math.ceil(t.epochs * rows / size))), size
+    per_step = t.batch_size * t.gradient_accumulation * world
+    if shape.generates:  # batch_size counts replies; num_generations replies share one prompt
+        rows = rows * getattr(p, "num_generations", 1)
+    batches = math.ceil(rows / (t.batch_size * world))
+    per_epoch = max(1, batches // t.gradient_accumulation)
+    return (t.max_steps or math.ceil(t.epochs * per_epoch)), per_step
+
+
+# ----------------------------------------------------------------------------------------------- the estimate
+
+
+def settings_of(recipe: Recipe) -> Settings:
+    from tunesmith.methods.adapters import adapter_settings
+
+    d, p = recipe.distributed, recipe.method
+    adapter = getattr(p, "adapter", "full")
+    s = adapter_settings(p) if hasattr(p, "adapter") else None
+    dropout = bool(getattr(s, "dropout", 0)) and not getattr(p, "disable_dropout", False)
+    return Settings(adapter=adapter, batch_size=recipe.train.batch_size,
+                    accumulation=recipe.train.gradient_accumulation, max_seq_len=recipe.train.max_seq_len,
+                    checkpointing=recipe.train.gradient_checkpointing, precision=recipe.train.precision,
+                    strategy=d.effective(), world_size=d.world_size, zero_stage=d.zero_stage, offload=d.offload,
+                    dropout=dropout)
+
+
+def activation_bytes(m: ModelFacts, s: Settings, tokens: int, checkpointing: bool) -> int:
+    """What autograd keeps for the backward of `tokens` tokens (see ACTIVATION_C)."""
+    key = "lora_dropout" if s.adapter in ("lora", "qlora") and s.dropout else \
+        "lora" if s.adapter == "qlora" else s.adapter
+    c = ACTIVATION_C.get(key, ACTIVATION_C["full"])
+    per_layer = 4 * (c * m.hidden + 4 * m.intermediate)
+    if s.precision in ("bf16", "fp16"):
+        per_layer *= MIXED_ACTIVATION_SHARE
+    edge = 4 * EDGE_VALUES * m.hidden
+    if checkpointing:  # each layer's input, and one layer recomputed at a time in the backward
+        return int(tokens * (m.layers * 4 * m.hidden + per_layer + edge))
+    return int(tokens * (m.layers * per_layer + edge))
+
+
+def estimate(m: ModelFacts, s: Settings, shape: Shape, rows: list, params, device: str) -> tuple[list[Term], int,
+                                                                                                   int, Batch]:
+    """(terms per device, peak bytes per device, activations with checkpointing the other way, the batch)."""
+    completion = getattr(params, "max_completion_length", 0) if shape.generates else 0
+    batch = longest_batch(rows, s.batch_size, s.max_seq_len, shape.sequences, completion)
+    tokens = batch.sequences * batch.longest
+    trainable = m.trainable.get(s.adapter, 0)
+    mixed = s.precision in ("bf16", "fp16")
+    if s.adapter == "qlora":
+        quant = getattr(getattr(params, "qlora", None), "double_quant", True)
+        per_weight = 0.5 + (1 / 64 + 4 / (64 * 256) if quant else 4 / 64)  # NF4 + its block constants
+        weights = int(m.linear * per_weight + (m.total - m.linear) * 4)
+        w_note = f"{m.linear:,} linear weights in 4 bits (NF4, block constants), {m.total - m.linear:,} in fp32"
+    else:
+        weights = m.total * 4
+        w_note = f"{m.total:,} parameters in fp32 (tunesmith loads fp32; {s.precision} is autocast)"
+    terms = [Term("weights", weights, w_note)]
+    if mixed:
+        terms.append(Term("autocast weight copies", m.linear * 2, "bf16 casts of linear weights kept for the backward"))
+    if shape.trains:
+        terms += [Term("gradients", trainable * 4, f"{trainable:,} trainable parameters, fp32"),
+                  Term("AdamW states", trainable * 8, "two fp32 moments per trainable parameter (the fp32 weights "
+                                                      "are their own master copy)")]
+        if s.strategy == "ddp":
+            terms.append(Term("DDP gradient buckets", trainable * 4, "a flat copy of the gradients for all-reduce"))
+    act = activation_bytes(m, s, tokens, s.checkpointing) if shape.trains else 0
+    other = activation_bytes(m, s, tokens, not s.checkpointing) if shape.trains else 0
+    gc = "with" if s.checkpointing else "without"
+    terms.append(Term("activations", act, f"{batch.sequences} × {batch.longest} tokens, {gc} gradient checkpointing "
+                                          f"({'with' if not s.checkpointing else 'without'}: {other / GB:.2f} GB)"))
+    terms.append(_logits_term(m, shape, batch, params))
+    if shape.reference and _has_reference(params):
+        copy = s.adapter in ("full", "freeze", "adapter") or bool(getattr(params, "policy", None))
+        ref = m.total * 4 if s.adapter in ("full", "freeze", "adapter") else (trainable * 4 if copy else 0)
+        terms.append(Term("reference model", ref, "a frozen copy of the starting weights" if ref > trainable * 4 else
+                          "the base with the adapter switched off (no copy)" if not copy else "a frozen adapter copy"))
+    if m.reward_params:
+        terms.append(Term("reward model", m.reward_params * 4, "the reward run's model, fp32"))
+    kv = 0
+    if shape.generates:
+        gen_rows = s.batch_size
+        kv = gen_rows * batch.longest * m.layers * 2 * m.kv_width * (2 if mixed else 4)
+        terms.append(Term("KV cache (generation)", kv, f"{gen_rows} replies × {batch.longest} tokens, no gradient"))
+    terms = _split(terms, m, s)
+    return terms, peak_of(terms), other, batch
+
+
+def _has_reference(params) -> bool:
+    for key in ("beta", "kl_coef"):
+        if hasattr(params, key):
+            return getattr(params, key) > 0 or key == "kl_coef"  # ppo scores the reference for its KL always
+    return True
+
+
+def _logits_term(m: ModelFacts, shape: Shape, batch: Batch, params) -> Term:
+    if shape.loss == "head" or not shape.trains:
+        return Term("logits", batch.sequences * 8 * 4, "a small head instead of the vocabulary")
+    if shape.loss == "trained":
+        n = batch.sequences * batch.loss_positions
+        return Term("logits", n * m.vocab * 4 * LOGIT_COPIES, f"{n:,} labelled positions × {m.vocab:,} vocabulary, "
+                                                              f"fp32 (cross-entropy's copies: {LOGIT_COPIES})")
+    if shape.loss == "generated":
+        width = getattr(params, "max_completion_length", 1) + 1
+        n = batch.sequences * width
+        return Term("logits", n * m.vocab * 4 * LOGIT_COPIES, f"{n:,} reply positions × {m.vocab:,}, fp32 log-softmax")
+    n = batch.sequences * batch.longest
+    return Term("logits", n * m.vocab * 4 * FUSED_LOGIT_COPIES, f"{n:,} positions × {m.vocab:,} (TRL's chunked "
+                                                                "log-probs, the reference's too)")
+
+
+def _split(terms: list[Term], m: ModelFacts, s: Settings) -> list[Term]:
+    """Each term's share on one device under the strategy; offloaded ones marked `host`."""
+    world, out = max(1, s.world_size), []
+    sharded = {"deepspeed": {"gradients", "AdamW states"}, "fsdp": {"gradients", "AdamW states", "weights"}}
+    shards = set(sharded.get(s.strategy, set()))
+    if s.strategy == "deepspeed" and s.zero_stage == 3:
+        shards.add("weights")
+    for t in terms:
+        b, note = t.bytes, t.note
+        if t.name in shards and world > 1:
+            b, note = b // world, f"{note}; 1/{world} per device"
+        host = (t.name == "AdamW states" and s.offload in ("optimizer", "parameters")) or \
+            (t.name == "weights" and s.offload == "parameters" and "weights" in shards)
+        out.append(Term(t.name, b, note + ("; offloaded to CPU memory" if host else ""), host))
+    if "weights" in shards:
+        out.append(Term("gathered layer", 2 * m.largest_layer * 4, "the layer being computed and the next, whole"))
+    return out
+
+
+def peak_of(terms: list[Term]) -> int:
+    """The step's peak on one device: everything resident, plus the larger of the backward's start (activations
+    and logits alive) and its end (gradients filled in, activations freed), and of generation (KV cache)."""
+    size = {t.name: t.bytes for t in terms if not t.host}
+    transient = {"activations", "logits", "gradients", "KV cache (generation)"}
+    resident = sum(b for name, b in size.items() if name not in transient)
+    train = max(size.get("activations", 0) + size.get("logits", 0), size.get("gradients", 0))
+    return resident + max(train, size.get("KV cache (generation)", 0))
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+
+
+def device_memory(device: str | None, gpus: int | None = None,
+                  memory_bytes: int | None = None) -> tuple[str, str, int]:
+    """(device kind, its name, bytes of memory): `memory_bytes` when given; CPU: total RAM; cuda: this GPU's memory,
+    or an 80 GB card when there is none here."""
+    import torch
+
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            return kind, props.name, memory_bytes or props.total_memory
+        return kind, f"{gpus or 1} × GPU (none here: 80 GB assumed)", memory_bytes or GPU_DEFAULT_BYTES
+    return kind, "CPU (total RAM)", memory_bytes or _total_ram()
+
+
+def _total_ram() -> int:
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def verdict_of(peak: int, runtime: int, capacity: int) -> str:
+    share = (peak + runtime) / capacity
+    return "fits" if share <= TIGHT else "tight" if share <= 1.0 else "will not fit"
+
+
+def build_plan(recipe: Recipe, source=None, train_rows: list | None = None, validation_rows: list | None = None,
+               device: str | None = None, gpus: int | None = None, memory_bytes: int | None = None,
+               facts: ModelFacts | None = None) -> "Plan":
+    """The analytic plan: parameters, per-device memory table, steps, verdict and fixes. Rows and source are read
+    from the recipe when not given (the tokenizer loads; the weights never do)."""
+    if source is None or train_rows is None:
+        source, train_rows, validation_rows = encoded_rows(recipe)
+    if not train_rows:
+        raise TunesmithError(f"{recipe.data.train}: no training rows left to plan with",
+                             "see `tunesmith data preview` and rejects.jsonl for why")
+    shape = SHAPES.get(recipe.method.name, Shape())
+    kind, name, capacity = device_memory(device, gpus, memory_bytes)
+    s = settings_of(recipe)
+    if gpus and kind == "cuda" and s.world_size == 1:
+        s = dataclasses.replace(s, world_size=gpus, strategy=s.strategy if s.strategy != "none" else "ddp")
+    if facts is None:
+        labels = len(getattr(train_rows[0], "classes", ()) or ()) or 2
+        facts = model_facts(recipe, source, labels, ("lora",) if s.adapter in ("full", "freeze", "dora") else ())
+    terms, peak, other, batch = estimate(facts, s, shape, train_rows, recipe.method, kind)
+    steps, global_batch = count_steps(recipe, len(train_rows), shape, s.world_size)
+    runtime = RUNTIME_BYTES[kind]
+    plan = Plan(method=recipe.method.name, model=facts, settings=s, device=kind, device_name=name,
+                capacity=capacity, terms=terms, peak=peak, runtime=runtime, other_activations=other,
+                longest=batch.longest, sequences=batch.sequences, rows=len(train_rows), steps=steps,
+                global_batch=global_batch, verdict=verdict_of(peak, runtime, capacity))
+    if plan.verdict == "will not fit" and shape.trains:
+        plan.fixes = find_fixes(plan, shape, train_rows, recipe.method)
+    return plan
+
+
+def encoded_rows(recipe: Recipe):
+    """(model source, training rows, validation rows) as `tunesmith train` encodes them, without loading weights."""
+    from tunesmith.data import prepare_data
+    from tunesmith.methods import REGISTRY
+    from tunesmith.model import load_tokenizer, resolve_model
+    from tunesmith.train import encode_rows
+
+    method = REGISTRY[recipe.method.name]
+    data = prepare_data(recipe.data, recipe.train.seed, method.record_types)
+    source = resolve_model(recipe.model.name, recipe.model.cache_dir)
+    encoded = (method.encode or encode_rows)(data, load_tokenizer(source), recipe)
+    return source, encoded.train, encoded.validation
+
+
+def find_fixes(plan: Plan, shape: Shape, rows: list, params) -> list[Fix]:
+    """Changes that bring the plan under the device's memory, cheapest first, each re-estimated; when no single
+    change does, the first of them combined."""
+    s, out = plan.settings, []
+
+    def attempt(what: str, why: str, new: Settings, facts: ModelFacts = plan.model) -> Fix:
+        _, peak, _, _ = estimate(facts, new, shape, rows, params, plan.device)
+        return Fix(what, why, peak, verdict_of(peak, plan.runtime, plan.capacity))
+
+    b = s.batch_size
+    while b > 1:
+        b //= 2
+        acc = s.accumulation * (s.batch_size // b)
+        fix = attempt(f"train.batch_size={b} train.gradient_accumulation={acc}",
+                      f"same global batch ({s.batch_size * s.accumulation} rows), smaller steps",
+                      dataclasses.replace(s, batch_size=b, accumulation=acc))
+        if fix.verdict != "will not fit" or b == 1:
+            out.append(fix)
+            break
+    if not s.checkpointing:
+        out.append(attempt("train.gradient_checkpointing=true", "recompute activations in the backward (~30% "
+                           "slower steps)", dataclasses.replace(s, checkpointing=True)))
+    if s.adapter in ("lora", "dora", "full", "freeze") and "lora" in plan.model.trainable:
+        out.append(attempt("method.adapter=qlora", "4-bit base weights, LoRA on top",
+                           dataclasses.replace(s, adapter="qlora"),
+                           dataclasses.replace(plan.model, trainable={**plan.model.trainable,
+                                                                      "qlora": plan.model.trainable["lora"]})))
+    length = s.max_seq_len
+    while length > 64:
+        length //= 2
+        fix = attempt(f"train.max_seq_len={length}", "longer rows are cut (the data check counts them)",
+                      dataclasses.replace(s, max_seq_len=length))
+        if fix.verdict != "will not fit" or length <= 64:
+            out.append(fix)
+            break
+    if plan.device == "cuda":
+        world = max(2, s.world_size)
+        while world <= 64:
+            fix = attempt(f"distributed.strategy=deepspeed distributed.zero_stage=3 distributed.nproc={world}",
+                          f"weights, gradients and optimizer states sharded over {world} GPUs",
+                          dataclasses.replace(s, strategy="deepspeed", zero_stage=3, world_size=world))
+            if fix.verdict != "will not fit" or world == 64:
+                out.append(fix)
+                break
+            world *= 2
+    good = sorted((f for f in out if f.verdict != "will not fit"), key=lambda f: out.index(f))
+    if good or not out:
+        return good + [f for f in out if f.verdict == "will not fit"]
+    combined = dataclasses.replace(s, batch_size=1, accumulation=s.accumulation * s.batch_size, checkpointing=True)
+    together = attempt(" ".join(f.what for f in out[:2]), "both together", combined)
+    return [together, *out]
+
+
+# ----------------------------------------------------------------------------------------------- showing it
+
+
+def gb(n: int) -> str:
+    return f"{n / GB:.2f} GB"
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as the terminal table `tunesmith plan` prints."""
+    s, m = plan.settings, plan.model
+    where = f"{plan.device} · {plan.device_name} · {gb(plan.capacity)}"
+    strategy = s.strategy + (f" zero {s.zero_stage}" if s.strategy == "deepspeed" else "") + \
+        (f" offload {s.offload}" if s.offload != "none" else "")
+    rows = [("model", m.name), ("method", f"{plan.method} ({s.adapter}) · precision {s.precision}"),
+            ("parameters", f"{m.total:,} total · {plan.trainable:,} trainable "
+                           f"({100 * plan.trainable / max(m.total, 1):.2f}%)"),
+            ("device", where), ("strategy", f"{strategy} · world size {s.world_size}"),
+            ("batch", f"{s.batch_size} per device × {s.accumulation} accumulation × {s.world_size} = "
+                      f"{plan.global_batch} rows per step; longest sequence {plan.longest} tokens "
+                      f"(max_seq_len {s.max_seq_len})"),
+            ("steps", f"{plan.steps:,} optimizer steps from {plan.rows:,} training rows")]
+    width = max(len(k) for k, _ in rows)
+    lines = ["", "plan"] + [f"  {k:<{width}}  {v}" for k, v in rows]
+    lines += ["", f"  memory per device{'':<8}{'GB':>8}  what"]
+    for t in plan.terms:
+        lines.append(f"  {t.name:<25}{t.bytes / GB:>8.2f}  {t.note}")
+    lines.append(f"  {'peak (step)':<25}{plan.peak / GB:>8.2f}  resident terms + the larger of activations+logits "
+                 "and gradients")
+    lines.append(f"  {'runtime':<25}{plan.runtime / GB:>8.2f}  libraries" +
+                 (" and CUDA context" if plan.device == "cuda" else ", tokenizer and rows (measured here)"))
+    lines.append(f"  {'total':<25}{(plan.peak + plan.runtime) / GB:>8.2f}  of {gb(plan.capacity)} "
+                 f"({plan.share:.0%})")
+    lines += ["", f"  verdict: {plan.verdict.upper()}" + {"fits": "", "tight": f" (over {TIGHT:.0%} of the memory)",
+                                                          "will not fit": ""}[plan.verdict]]
+    if plan.fixes:
+        lines.append("  fixes, cheapest first:")
+        for f in plan.fixes:
+            lines.append(f"    {f.what:<60} peak {gb(f.peak)} · {f.verdict} — {f.why}")
+    if plan.probe is not None:
+        from tunesmith.plan_probe import probe_lines
+
+        lines += probe_lines(plan)
+    return "\n".join(lines)
+
+
+def summary_line(plan: Plan) -> str:
+    """One line: the estimate and the verdict (what `tunesmith train` prints before the model loads)."""
+    return (f"plan: peak {gb(plan.peak)} + runtime {gb(plan.runtime)} of {gb(plan.capacity)} on {plan.device} "
+            f"({plan.share:.0%}): {plan.verdict}; {plan.steps:,} steps (`tunesmith plan` for the table)")
+
+
+def check_fits(recipe: Recipe, source, train_rows: list, validation_rows: list,
+               echo: Callable[[str], None] = print) -> Plan:
+    """The plan `tunesmith train` runs before loading the model: one line, and a RunError naming the biggest term and
+    the cheapest fix when the run will not fit."""
+    plan = build_plan(recipe, source, train_rows, validation_rows)
+    echo(summary_line(plan))
+    if plan.verdict == "will not fit":
+        big = plan.biggest()
+        fix = next((f for f in plan.fixes if f.verdict != "will not fit"), plan.fixes[0] if plan.fixes else None)
+        hint = (f"cheapest fix: {fix.what} (peak {gb(fix.peak)}, {fix.verdict})" if fix else
+                "use a machine with more memory") + "; `tunesmith plan` lists every fix, or pass --force to try anyway"
+        raise RunError(f"this run will not fit: peak {gb(plan.peak)} + runtime {gb(plan.runtime)} of "
+                       f"{gb(plan.capacity)} on {plan.device}; the biggest term is {big.name} ({gb(big.bytes)})", hint)
+    return plan
