@@ -164,7 +164,8 @@ def trainer_arguments(d) -> dict[str, Any]:
     strategy = d.effective()
     if strategy == "none":
         return {}
-    args: dict[str, Any] = {"ddp_backend": backend(), "ddp_timeout": d.timeout_s}
+    # every trainable weight takes part in each step's loss (adapters, heads): no search for unused ones
+    args: dict[str, Any] = {"ddp_backend": backend(), "ddp_timeout": d.timeout_s, "ddp_find_unused_parameters": False}
     if strategy == "fsdp":
         options = ["full_shard", "auto_wrap"] + (["offload"] if d.offload == "parameters" else [])
         config: dict[str, Any] = {"fsdp_version": 2, "reshard_after_forward": d.fsdp.reshard_after_forward,
@@ -234,16 +235,6 @@ def check_strategy(trainer, d, echo: Callable[[str], None]) -> None:
          f"{got.global_batch} rows per optimizer step · collective timeout {d.timeout_s} s")
 
 
-def allow_wrapping(trainer) -> None:
-    """Undo what an evaluation before training leaves behind: accelerate marks the model it evaluated as prepared
-    (`_is_accelerate_prepared`), and `Trainer.train` then skips wrapping it in DDP — each rank would silently
-    train its own copy (measured: the ranks' LoRA weights differed after one step). Called after that evaluation."""
-    model = trainer.model
-    if getattr(model, "_is_accelerate_prepared", False) and in_effect(trainer).kind in EXPECTED["ddp"]:
-        model._is_accelerate_prepared = False
-        trainer.accelerator._models = [m for m in trainer.accelerator._models if m is not model]
-
-
 def wrapped_callback(trainer, d):
     """A Trainer callback that stops at the first step unless the model is wrapped as the strategy says (DDP's
     gradient all-reduce in place): a run whose ranks do not share gradients must not pass for a distributed one."""
@@ -303,7 +294,12 @@ def _where_ranks_are() -> str:
 
 def _timed_out(exc: BaseException) -> bool:
     text = str(exc).lower()
-    return "timed out" in text or "timeout" in text or "connection closed by peer" in text
+    return "timed out" in text or "timeout" in text
+
+
+def _peer_gone(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "connection closed by peer" in text or "connection reset by peer" in text or "broken pipe" in text
 
 
 @contextlib.contextmanager
@@ -316,9 +312,13 @@ def collectives_watched(trainer, d) -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:  # torch.distributed.DistBackendError is a RuntimeError
+        step = trainer.state.global_step + 1
+        if _peer_gone(exc):
+            raise RunError(f"rank {rank()}: stopped at step {step} because another rank stopped (its connection "
+                           "closed)", "that rank's own error is printed above, or torchrun names its exit code; "
+                           "resume with --resume from the last checkpoint") from exc
         if not _timed_out(exc):
             raise
-        step = trainer.state.global_step + 1
         where = _where_ranks_are()
         raise RunError(f"rank {rank()}: a collective did not complete within {d.timeout_s} s at step {step}"
                        + (f" ({where})" if where else "") + "; another rank is stuck or died",

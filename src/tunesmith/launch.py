@@ -4,6 +4,7 @@ machine (`tunesmith train RECIPE --nproc N`), or one `torchrun` command per mach
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
@@ -30,6 +31,7 @@ def run_here(d, arguments: list[str], echo: Callable[[str], None] = print, nnode
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the ranks say what went wrong
     os.environ.update(distributed.worker_environment(d))
     if nnodes == 1:
         rendezvous = {"rdzv_backend": "c10d", "rdzv_endpoint": "localhost:0", "run_id": uuid.uuid4().hex}

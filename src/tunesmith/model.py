@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import time
@@ -185,6 +186,13 @@ def quiet_libraries() -> None:
     """Keep library chatter (advisory warnings) off the terminal; our own summaries say what matters."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():  # DeepSpeed (when installed) warns at import that it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # bitsandbytes, on CPUs with AVX512-BF16, warns that it could not fetch a kernel from a hub (never reached here)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -88,6 +88,7 @@ class ModelFacts:
     linear: int  # parameters of the decoder layers' linear layers (what qlora stores in 4 bits)
     largest_layer: int  # parameters of one decoder layer (what fsdp / ZeRO-3 gather at a time)
     trainable: dict[str, int] = field(default_factory=dict)  # adapter -> trainable parameters
+    added: dict[str, int] = field(default_factory=dict)  # adapter -> parameters it adds to the model (LoRA's A, B…)
     reward_params: int = 0  # the reward run's model (grpo, rloo, ppo with method.reward_model)
 
 
@@ -152,6 +153,11 @@ class Plan:
         return self.model.trainable.get(self.settings.adapter, 0)
 
     @property
+    def total(self) -> int:
+        """Parameters of the model as trained: the base and what the adapter adds."""
+        return self.model.total + self.model.added.get(self.settings.adapter, 0)
+
+    @property
     def share(self) -> float:
         return (self.peak + self.runtime) / self.capacity
 
@@ -176,13 +182,14 @@ def model_facts(recipe: Recipe, source, num_labels: int = 2, adapters: tuple[str
         model = _meta_model(config, shape.task, num_labels)
     total = sum(p.numel() for p in model.parameters())
     linear, layer = _linear_params(model)
-    trainable = {}
+    trainable, added = {}, {}
     for name in dict.fromkeys((getattr(recipe.method, "adapter", "full"), *adapters)):
-        trainable[name] = _trainable(recipe, config, shape, num_labels, name)
+        trainable[name], wrapped = _wrapped_counts(recipe, config, shape, num_labels, name)
+        added[name] = wrapped - total
     return ModelFacts(name=source.describe(), layers=text.num_hidden_layers, hidden=text.hidden_size,
                       intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
                       kv_width=getattr(text, "num_key_value_heads", heads) * head_dim, vocab=text.vocab_size,
-                      total=total, linear=linear, largest_layer=layer, trainable=trainable,
+                      total=total, linear=linear, largest_layer=layer, trainable=trainable, added=added,
                       reward_params=_reward_params(recipe.method))
 
 
@@ -206,14 +213,16 @@ def _linear_params(model) -> tuple[int, int]:
     return linear, max(sum(p.numel() for p in layer.parameters()) for layer in layers)
 
 
-def _trainable(recipe: Recipe, config, shape: Shape, num_labels: int, adapter: str) -> int:
-    """Trainable parameters under `adapter`: the meta model wrapped exactly as the method wraps it."""
+def _wrapped_counts(recipe: Recipe, config, shape: Shape, num_labels: int, adapter: str) -> tuple[int, int]:
+    """(trainable, total) parameters under `adapter`: the meta model wrapped exactly as the method wraps it (a
+    value head counted as trainable)."""
     import torch
 
     from tunesmith.methods.adapters import AdapterParamsMixin, apply_adapter
 
     if not shape.trains:
-        return 0
+        with torch.device("meta"):
+            return 0, sum(p.numel() for p in _meta_model(config, shape.task, num_labels).parameters())
     params = recipe.method
     if getattr(params, "adapter", None) != adapter:
         params = AdapterParamsMixin(adapter=adapter) if not hasattr(params, "adapter") else \
@@ -223,7 +232,8 @@ def _trainable(recipe: Recipe, config, shape: Shape, num_labels: int, adapter: s
     with torch.device("meta"):
         model = apply_adapter(_meta_model(config, shape.task, num_labels), params, shape.task)
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return count + (config.get_text_config().hidden_size + 1 if shape.value_head else 0)
+    head = config.get_text_config().hidden_size + 1 if shape.value_head else 0
+    return count + head, sum(p.numel() for p in model.parameters()) + head
 
 
 def _reward_params(params) -> int:
@@ -342,16 +352,18 @@ def estimate(m: ModelFacts, s: Settings, shape: Shape, rows: list, params, devic
     completion = getattr(params, "max_completion_length", 0) if shape.generates else 0
     batch = longest_batch(rows, s.batch_size, s.max_seq_len, shape.sequences, completion)
     tokens = batch.sequences * batch.longest
-    trainable = m.trainable.get(s.adapter, 0)
+    trainable, added = m.trainable.get(s.adapter, 0), m.added.get(s.adapter, 0)
     mixed = s.precision in ("bf16", "fp16")
     if s.adapter == "qlora":
         quant = getattr(getattr(params, "qlora", None), "double_quant", True)
         per_weight = 0.5 + (1 / 64 + 4 / (64 * 256) if quant else 4 / 64)  # NF4 + its block constants
-        weights = int(m.linear * per_weight + (m.total - m.linear) * 4)
-        w_note = f"{m.linear:,} linear weights in 4 bits (NF4, block constants), {m.total - m.linear:,} in fp32"
+        weights = int(m.linear * per_weight + (m.total - m.linear + added) * 4)
+        w_note = (f"{m.linear:,} linear weights in 4 bits (NF4, block constants), {m.total - m.linear + added:,} "
+                  "in fp32")
     else:
-        weights = m.total * 4
-        w_note = f"{m.total:,} parameters in fp32 (tunesmith loads fp32; {s.precision} is autocast)"
+        weights = (m.total + added) * 4
+        w_note = f"{m.total + added:,} parameters in fp32 (tunesmith loads fp32" + \
+            (f"; {s.precision} is autocast)" if mixed else ")")
     terms = [Term("weights", weights, w_note)]
     if mixed:
         terms.append(Term("autocast weight copies", m.linear * 2, "bf16 casts of linear weights kept for the backward"))
@@ -481,6 +493,8 @@ def build_plan(recipe: Recipe, source=None, train_rows: list | None = None, vali
     shape = SHAPES.get(recipe.method.name, Shape())
     kind, name, capacity = device_memory(device, gpus, memory_bytes)
     s = settings_of(recipe)
+    if s.precision == "auto":
+        s = dataclasses.replace(s, precision=_auto_precision(kind))
     if gpus and kind == "cuda" and s.world_size == 1:
         s = dataclasses.replace(s, world_size=gpus, strategy=s.strategy if s.strategy != "none" else "ddp")
     if facts is None:
@@ -496,6 +510,17 @@ def build_plan(recipe: Recipe, source=None, train_rows: list | None = None, vali
     if plan.verdict == "will not fit" and shape.trains:
         plan.fixes = find_fixes(plan, shape, train_rows, recipe.method)
     return plan
+
+
+def _auto_precision(kind: str) -> str:
+    """What `precision: auto` becomes on the device planned for (a GPU that isn't here: bf16)."""
+    import torch
+
+    from tunesmith.model import pick_precision
+
+    if kind == "cuda" and not torch.cuda.is_available():
+        return "bf16"
+    return pick_precision("auto")
 
 
 def encoded_rows(recipe: Recipe):
@@ -538,7 +563,8 @@ def find_fixes(plan: Plan, shape: Shape, rows: list, params) -> list[Fix]:
         out.append(attempt("method.adapter=qlora", "4-bit base weights, LoRA on top",
                            dataclasses.replace(s, adapter="qlora"),
                            dataclasses.replace(plan.model, trainable={**plan.model.trainable,
-                                                                      "qlora": plan.model.trainable["lora"]})))
+                                                                      "qlora": plan.model.trainable["lora"]},
+                                               added={**plan.model.added, "qlora": plan.model.added["lora"]})))
     length = s.max_seq_len
     while length > 64:
         length //= 2
@@ -579,8 +605,8 @@ def format_plan(plan: Plan) -> str:
     strategy = s.strategy + (f" zero {s.zero_stage}" if s.strategy == "deepspeed" else "") + \
         (f" offload {s.offload}" if s.offload != "none" else "")
     rows = [("model", m.name), ("method", f"{plan.method} ({s.adapter}) · precision {s.precision}"),
-            ("parameters", f"{m.total:,} total · {plan.trainable:,} trainable "
-                           f"({100 * plan.trainable / max(m.total, 1):.2f}%)"),
+            ("parameters", f"{plan.total:,} total · {plan.trainable:,} trainable "
+                           f"({100 * plan.trainable / max(plan.total, 1):.2f}%)"),
             ("device", where), ("strategy", f"{strategy} · world size {s.world_size}"),
             ("batch", f"{s.batch_size} per device × {s.accumulation} accumulation × {s.world_size} = "
                       f"{plan.global_batch} rows per step; longest sequence {plan.longest} tokens "

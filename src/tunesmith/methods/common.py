@@ -282,11 +282,14 @@ def run_trainer(job: Job, trainer, model) -> TrainOutcome:
         trainer.add_callback(distributed.heartbeat_callback())
         trainer.add_callback(distributed.wrapped_callback(trainer, spread))
     before = distributed.share(json.loads(before_path.read_text()) if before_path.exists() else None)
-    if before is None:
+    first: dict[str, Any] = {}
+    if before is None and distributed.world_size() > 1:
+        # Several processes: measured once training has set up its engine (an evaluation before `train` leaves
+        # accelerate skipping the DDP wrap, and the DeepSpeed engine unusable for training)
+        trainer.add_callback(_EvaluateFirst(job, trainer, before_path, first))
+    elif before is None:
         before = _losses(job, trainer) if job.recipe.eval.loss_before else {}
-        distributed.allow_wrapping(trainer)
-        if distributed.is_main():
-            atomic_write(before_path, json.dumps(before))
+        atomic_write(before_path, json.dumps(before))
     start_epoch = 0.0
     if resume_from is not None:
         start_epoch = json.loads((resume_from / "trainer_state.json").read_text()).get("epoch", 0.0)
@@ -294,6 +297,7 @@ def run_trainer(job: Job, trainer, model) -> TrainOutcome:
     with distributed.collectives_watched(trainer, spread):
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.time() - t0
+    before = first if before is None else before
     after = _losses(job, trainer)  # the last weights: a keep-best candidate too
     check_finite({f"{k}_loss": v for k, v in after.items()}, trainer.state.global_step, job.recipe.train.learning_rate)
     state = trainer.state
@@ -319,6 +323,19 @@ def run_trainer(job: Job, trainer, model) -> TrainOutcome:
                         stopped_early=bool(getattr(state, "stopped_early", False)),
                         kept_step=kept_step, kept_metric=kept.metric if kept_step is not None else None,
                         kept_value=kept.best if kept_step is not None else None)
+
+
+def _EvaluateFirst(job: Job, trainer, path: Path, into: dict):  # noqa: N802 - a TrainerCallback made lazily
+    """A callback measuring the losses before the first step (when the recipe asks), into `into` and `path`."""
+    from transformers import TrainerCallback
+
+    class _First(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            into.update(_losses(job, trainer) if job.recipe.eval.loss_before else {})
+            if distributed.is_main():
+                atomic_write(path, json.dumps(into))
+
+    return _First()
 
 
 def _losses(job: Job, trainer) -> dict[str, float]:
