@@ -331,6 +331,14 @@ CLI_CASES: list[Case] = [
          ("train.jsonl, line 1: not a record this run wrote",)),
     Case("monitor-out-is-the-log", lambda t: ["monitor", request_log(t), "--out", "requests.sqlite"],
          ("--out requests.sqlite: the output would be",)),
+    Case("plan-gpus-zero", lambda t: ["plan", "r.yaml", "--gpus", "0"], ("argument --gpus: '0' is not a whole",)),
+    Case("plan-device-unknown", lambda t: ["plan", "r.yaml", "--device", "tpu"],
+         ("argument --device: invalid choice: 'tpu'",)),
+    Case("plan-memory-nan", lambda t: ["plan", "r.yaml", "--memory", "nan"], ("argument --memory: 'nan'",)),
+    Case("plan-recipe-missing", lambda t: ["plan", "missing.yaml"], ("recipe file not found: missing.yaml",)),
+    Case("plan-gpus-with-device-cpu", lambda t: ["plan", str(recipe(t, "data:\n  train: train.jsonl\n")), "--gpus",
+                                                 "2", "--device", "cpu"],
+         ("--gpus 2 with --device cpu: GPUs are for --device cuda",)),
 ]
 
 
@@ -593,7 +601,65 @@ RUN_CASES: list[Case] = [
 ]
 
 
-ALL = RECIPE_CASES + CLI_CASES + DATA_CASES + RUN_CASES
+# ----------------------------------------------------------------------------------------------- distributed
+
+DISTRIBUTED_CASES: list[Case] = [
+    recipe_case("distributed-strategy-typo", "distributed:\n  strategy: dpp\n", "`distributed.strategy`",
+                "did you mean 'ddp'"),
+    recipe_case("distributed-none-on-2", "distributed:\n  strategy: none\n  nproc: 2\n",
+                "`distributed.strategy`: none runs one process, but nproc x nnodes = 2"),
+    recipe_case("distributed-nproc-0", "distributed:\n  nproc: 0\n", "`distributed.nproc`", ">= 1"),
+    recipe_case("distributed-nnodes-text", "distributed:\n  nnodes: two\n", "`distributed.nnodes`",
+                "not a whole number"),
+    recipe_case("distributed-zero-stage-1", "distributed:\n  strategy: deepspeed\n  zero_stage: 1\n",
+                "`distributed.zero_stage`"),
+    recipe_case("distributed-timeout-1s", "distributed:\n  timeout_s: 1\n", "`distributed.timeout_s`", ">= 10"),
+    recipe_case("distributed-offload-with-ddp", "distributed:\n  nproc: 2\n  offload: optimizer\n",
+                "`distributed.offload`: optimizer needs strategy deepspeed or fsdp"),
+    recipe_case("distributed-offload-parameters-zero2",
+                "distributed:\n  strategy: deepspeed\n  offload: parameters\n",
+                "`distributed.offload`: parameters needs ZeRO stage 3"),
+    recipe_case("distributed-fsdp-offload-optimizer", "distributed:\n  strategy: fsdp\n  offload: optimizer\n",
+                "fsdp offloads parameters with their optimizer states"),
+    recipe_case("distributed-fsdp-unknown-key", "distributed:\n  strategy: fsdp\n  fsdp:\n    reshard: true\n",
+                "`distributed.fsdp.reshard`"),
+    recipe_case("distributed-method-without-strategies", "method: fewshot\ndistributed:\n  nproc: 2\n",
+                "`distributed.strategy`: ddp can't train `method: fewshot`"),
+    recipe_case("distributed-qlora-deepspeed", "method:\n  name: sft\n  adapter: qlora\n"
+                "distributed:\n  strategy: deepspeed\n", "can't shard qlora's 4-bit weights"),
+    recipe_case("distributed-keep-best-zero3", "train:\n  eval_every: 2\n  keep_best: true\n"
+                "distributed:\n  strategy: deepspeed\n  zero_stage: 3\n", "`train.keep_best`",
+                "each rank holds only its shard"),
+    # what this machine (no GPU) can't run: refused before anything loads, by validate and by train
+    recipe_case("distributed-fsdp-on-cpu", "distributed:\n  strategy: fsdp\n  nproc: 2\n",
+                "fsdp needs GPUs", "would silently run DDP instead"),
+    recipe_case("distributed-fsdp-on-cpu-train", "distributed:\n  strategy: fsdp\n  nproc: 2\n",
+                "fsdp needs GPUs", command="train"),
+    recipe_case("distributed-deepspeed-offload-on-cpu",
+                "distributed:\n  strategy: deepspeed\n  zero_stage: 3\n  offload: parameters\n",
+                "`distributed.offload`: parameters on a CPU-only machine moves nothing", command="train"),
+    Case("train-nproc-0", lambda t: ["train", str(recipe(t, "data:\n  train: train.jsonl\n")), "--nproc", "0"],
+         ("--nproc", "a whole number ≥ 1")),
+    recipe_case("train-nnodes-2", "distributed:\n  nnodes: 2\n", "distributed.nnodes = 2: `train` starts "
+                "processes on this machine only", "tunesmith launch RECIPE --print", command="train"),
+    Case("launch-node-rank-too-big", lambda t: ["launch", str(recipe(t, "data:\n  train: train.jsonl\n")),
+                                                "--nnodes", "2", "--node-rank", "2", "--master", "h:1"],
+         ("--node-rank 2: there are 2 machine(s), numbered 0 to 1",)),
+    Case("launch-master-port-bad", lambda t: ["launch", str(recipe(t, "data:\n  train: train.jsonl\n")),
+                                              "--nnodes", "2", "--master", "node0:99999"],
+         ("--master 'node0:99999': not HOST or HOST:PORT",)),
+    Case("launch-print-master-no-host", lambda t: ["launch", str(recipe(t, "data:\n  train: train.jsonl\n")),
+                                                   "--print", "--nnodes", "2", "--master", ":29500"],
+         ("--master ':29500': not HOST or HOST:PORT",)),
+    Case("launch-without-master", lambda t: ["launch", str(recipe(t, "data:\n  train: train.jsonl\n")),
+                                             "--nnodes", "2"],
+         ("--master: a run over several machines needs node 0's address",)),
+    Case("launch-nnodes-0", lambda t: ["launch", str(recipe(t, "data:\n  train: train.jsonl\n")), "--print",
+                                       "--nnodes", "0"], ("--nnodes", "a whole number ≥ 1")),
+]
+
+
+ALL = RECIPE_CASES + CLI_CASES + DATA_CASES + RUN_CASES + DISTRIBUTED_CASES
 
 
 @pytest.mark.parametrize("case", ALL, ids=[c.id for c in ALL])

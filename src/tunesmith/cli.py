@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from tunesmith import cli_data, cli_synth
+from tunesmith import cli_data, cli_plan, cli_synth
 from tunesmith.cli_common import non_negative_float, non_negative_int, path, port, positive_float, positive_int
 from tunesmith.cli_common import quiet_libraries as _quiet_libraries
 from tunesmith.errors import TunesmithError
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="node 0's address that every machine can reach (default port 29500)")
     p.add_argument("--node-rank", type=non_negative_int, default=0, help="this machine's number, 0 to nnodes-1")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+
+    cli_plan.register(sub, common, recipe_args)
 
     data = sub.add_parser("data", parents=[common], help="check, clean, split, balance, grow and preview data")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
@@ -288,7 +290,10 @@ def cmd_init(args) -> int:
 def cmd_validate(args) -> int:
     from tunesmith.recipe import load_recipe
 
+    from tunesmith.distributed import check_device
+
     recipe = load_recipe(args.recipe, args.overrides)
+    check_device(recipe.distributed, str(args.recipe))
     print(f"{args.recipe}: ok — method {recipe.method.name}, model {recipe.model.name}, "
           f"train {recipe.data.train}, run folder {recipe.output.dir}")
     return 0
@@ -305,8 +310,9 @@ def cmd_train(args) -> int:
         from tunesmith.launch import run_here, worker_arguments
 
         if recipe.distributed.nnodes > 1:
-            raise TunesmithError(f"distributed.nnodes = {recipe.distributed.nnodes}: `train` starts processes on this "
-                                 "machine only", "print each machine's command with `tunesmith launch RECIPE --print`")
+            raise TunesmithError(f"{args.recipe}: distributed.nnodes = {recipe.distributed.nnodes}: `train` starts "
+                                 "processes on this machine only",
+                                 "print each machine's command with `tunesmith launch RECIPE --print`")
         return run_here(recipe.distributed, worker_arguments(args.recipe, overrides, args.resume, args.force))
     _quiet_libraries()
     from tunesmith.train import train_run
@@ -645,4 +651,5 @@ def cmd_serve(args) -> int:
 COMMANDS = {"init": cmd_init, "validate": cmd_validate, "train": cmd_train, "launch": cmd_launch, "data": cmd_data,
             "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "score": cmd_score, "report": cmd_report,
             "review": cmd_review, "export": cmd_export, "compare": cmd_compare, "predict": cmd_predict,
-            "methods": cmd_methods, "serve": cmd_serve, "monitor": cmd_monitor, "retrain": cmd_retrain}
+            "methods": cmd_methods, "serve": cmd_serve, "monitor": cmd_monitor, "retrain": cmd_retrain,
+            **cli_plan.COMMANDS}

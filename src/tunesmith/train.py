@@ -48,7 +48,7 @@ def train_run(recipe: Recipe, resume: bool = False, callbacks: list | None = Non
     t = time.time()
     if distributed.is_main():
         try:
-            run, data, encoded, source, tokenizer = open_run(recipe, method, resume, recipe_path, echo)
+            run, data, encoded, source, tokenizer = open_run(recipe, method, resume, recipe_path, echo, force)
         except BaseException:
             distributed.share(None)  # the other ranks stop too
             raise
@@ -113,10 +113,11 @@ def train_run(recipe: Recipe, resume: bool = False, callbacks: list | None = Non
     return manifest
 
 
-def open_run(recipe: Recipe, method, resume: bool, recipe_path: str | Path | None, echo: Callable[[str], None]):
+def open_run(recipe: Recipe, method, resume: bool, recipe_path: str | Path | None, echo: Callable[[str], None],
+             force: bool = False):
     """The run folder, ready to train in: a new one staged beside `output.dir`, filled with the checked data and
-    moved into place once it fits (or the run to resume, its inputs unchanged); the data, formatted rows, model
-    source and tokenizer."""
+    moved into place once the plan says it fits (or `force`; or the run to resume, its inputs unchanged); the data,
+    formatted rows, model source and tokenizer."""
     target = Path(recipe.output.dir)
     if resume:
         stage = reopen_run(recipe)
@@ -131,7 +132,27 @@ def open_run(recipe: Recipe, method, resume: bool, recipe_path: str | Path | Non
         if not resume:
             keep_failed_stage(stage, target, exc)
         raise
+    if not force:
+        try:
+            check_plan(recipe, source, encoded, echo)
+        except BaseException:
+            if not resume:
+                shutil.rmtree(stage.root, ignore_errors=True)
+            raise
     return (stage if resume else place_run(stage, target)), data, encoded, source, tokenizer
+
+
+def check_plan(recipe: Recipe, source, encoded: EncodedData, echo: Callable[[str], None]) -> None:
+    """The memory plan before the model loads: one line, and a RunError when the run will not fit. A plan that can't
+    be made for this model or method is said and skipped: it must never be what stops a run that would fit."""
+    from tunesmith.plan import check_fits
+
+    try:
+        check_fits(recipe, source, encoded.train, encoded.validation, echo)
+    except TunesmithError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an estimate, not a gate we can trust blindly
+        echo(f"plan: skipped ({type(exc).__name__}: {exc})")
 
 
 class RankStopped(TunesmithError):
