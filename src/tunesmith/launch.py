@@ -50,9 +50,10 @@ def run_here(d, arguments: list[str], echo: Callable[[str], None] = print, nnode
     return 0
 
 
-def cluster_commands(d, recipe_path: str | Path, overrides: list[str], master: str, resume: bool = False) -> str:
+def cluster_commands(d, recipe_path: str | Path, overrides: list[str], master: str, run_dir: str,
+                     resume: bool = False) -> str:
     """One `torchrun` command per machine (node 0 first; `master` is node 0's HOST:PORT), with the environment
-    each needs, ready to paste."""
+    each needs, ready to paste; `run_dir`: the run folder every machine must see."""
     host, port = split_master(master)
     env = distributed.worker_environment(d) if not distributed.has_cuda() else {}
     env.pop("OMP_NUM_THREADS", None)  # each machine shares out its own cores: set it there if needed
@@ -62,7 +63,7 @@ def cluster_commands(d, recipe_path: str | Path, overrides: list[str], master: s
     lines = [f"# {d.nnodes} machine(s) x {d.nproc} process(es) = {d.world_size} ranks, strategy "
              f"{d.effective()}; run each command on its machine, node 0 on {host}.",
              "# Every machine needs the same tunesmith, model and recipe paths, and the run folder "
-             f"({'the recipe' + chr(39) + 's output.dir'}) on storage they all see."]
+             f"{run_dir} on storage they all see."]
     for node in range(d.nnodes):
         lines.append(f"# node {node}")
         lines.append(prefix + " ".join(shlex.quote(a) for a in [
