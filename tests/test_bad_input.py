@@ -658,8 +658,76 @@ DISTRIBUTED_CASES: list[Case] = [
                                        "--nnodes", "0"], ("--nnodes", "a whole number ≥ 1")),
 ]
 
+# ----------------------------------------------------------------------------------------------- tune
 
-ALL = RECIPE_CASES + CLI_CASES + DATA_CASES + RUN_CASES + DISTRIBUTED_CASES
+TUNE_RECIPE = "data:\n  train: train.jsonl\nmethod:\n  name: sft\n  adapter: lora\n"
+
+
+def tune_case(id: str, space: str, *expect: str, flags: tuple = (), recipe_text: str = TUNE_RECIPE) -> Case:
+    """`tunesmith tune r.yaml --space s.yaml --trials 2 FLAGS` with the space file `space`; stderr holds `expect`."""
+
+    def build(t: Path) -> list[str]:
+        (t / "s.yaml").write_text(space, encoding="utf-8")
+        return ["tune", str(recipe(t, recipe_text)), "--space", str(t / "s.yaml"), "--trials", "2", *flags]
+
+    return Case(id, build, expect, extra=lambda t: _no_tune_folder(t))
+
+
+def _no_tune_folder(tmp: Path) -> None:
+    assert not list(tmp.glob("runs/*-tune")), "a refused search left a study folder"
+
+
+LR = "train.learning_rate: {log_uniform: [1.0e-5, 1.0e-3]}\n"
+TUNE_CASES: list[Case] = [
+    tune_case("tune-space-unknown-key", "train.learning_rte: {log_uniform: [1.0e-5, 1.0e-3]}\n",
+              "`train.learning_rte`", "did you mean `train.learning_rate`"),
+    tune_case("tune-space-impossible-range", "train.learning_rate: {uniform: [0.1, 0.01]}\n",
+              "`train.learning_rate`: uniform [0.1, 0.01] is an impossible range"),
+    tune_case("tune-space-log-through-zero", "train.weight_decay: {log_uniform: [0.0, 0.1]}\n",
+              "`train.weight_decay`: log_uniform [0.0, 0.1] needs low > 0"),
+    tune_case("tune-space-int-fractions", "train.batch_size: {int: [1.5, 8]}\n", "needs whole numbers"),
+    tune_case("tune-space-out-of-recipe-range", "train.warmup_ratio: {uniform: [0.0, 1.5]}\n",
+              "`train.warmup_ratio` = 1.5", "`train.warmup_ratio`"),
+    tune_case("tune-space-unread-adapter-key", "method.prefix.num_virtual_tokens: [10, 20]\n",
+              "`method.prefix.num_virtual_tokens`: not read", "the recipe's adapter is lora"),
+    tune_case("tune-space-epochs-beside-max-steps", "train.epochs: {int: [1, 3]}\n",
+              "`train.epochs`: not read — train.max_steps is set",
+              recipe_text=TUNE_RECIPE + "train:\n  max_steps: 4\n"),
+    tune_case("tune-space-key-of-another-method", "method.shots: [2, 4]\n", "`method.shots`"),
+    tune_case("tune-space-not-searchable", "train.seed: [1, 2]\n", "`train.seed`: not searchable"),
+    tune_case("tune-space-bad-condition", LR + "method.lora.r: {choice: [4, 8], when: {method.adapter: [dora]}}\n",
+              "`method.lora.r`: its condition names `method.adapter`, which is not a key of this space"),
+    tune_case("tune-space-not-a-range", "train.learning_rate: 0.001\n", "`train.learning_rate`: 0.001 is not a "
+              "search range"),
+    tune_case("tune-space-every-problem", "train.learning_rte: {log_uniform: [1.0e-5, 1.0e-3]}\n"
+              "train.weight_decay: {uniform: [0.2, 0.1]}\nmethod.prefix.num_virtual_tokens: [10, 20]\n",
+              "3 problems", "`train.learning_rte`", "impossible range", "`method.prefix.num_virtual_tokens`: not read"),
+    tune_case("tune-space-empty", "", "the space must be a mapping"),
+    tune_case("tune-space-bad-yaml", "train.learning_rate: [1, 2\n", "s.yaml", "not valid YAML"),
+    Case("tune-space-missing", lambda t: ["tune", str(recipe(t, TUNE_RECIPE)), "--space", "nope.yaml",
+                                          "--trials", "2"], ("space file not found: nope.yaml",)),
+    tune_case("tune-grid-of-a-range", LR, "--sampler grid needs a list of values", flags=("--sampler", "grid")),
+    tune_case("tune-trials-0", LR, "--trials", "a whole number ≥ 1", flags=("--trials", "0")),
+    tune_case("tune-timeout-words", LR, "--timeout", "'soon' is not a time", flags=("--timeout", "soon")),
+    tune_case("tune-timeout-0", LR, "--timeout", "'0s' is not a time > 0", flags=("--timeout", "0s")),
+    tune_case("tune-metric-unknown", LR, "--metric", "invalid choice: 'accuracy'", flags=("--metric", "accuracy")),
+    tune_case("tune-metric-accuracy-for-sft", LR, "--metric validation.accuracy: method sft measures no accuracy",
+              flags=("--metric", "validation.accuracy")),
+    tune_case("tune-direction-unknown", LR, "--direction", "invalid choice: 'up'", flags=("--direction", "up")),
+    tune_case("tune-direction-picks-worst", LR, "--direction max with --metric validation.loss: that would pick "
+              "the worst trial", flags=("--direction", "max")),
+    tune_case("tune-storage-not-a-url", LR, "--storage 'study.db': give a database URL",
+              flags=("--storage", "study.db")),
+    tune_case("tune-seeds-0", LR, "--seeds", "a whole number ≥ 1", flags=("--seeds", "0")),
+    tune_case("tune-enqueue-unknown-key", LR, "--enqueue 'train.epochs=2': 'train.epochs' is not a key of the space",
+              flags=("--enqueue", "train.epochs=2")),
+    tune_case("tune-no-validation-rows", LR, "`data.validation_fraction`: 0 leaves no rows",
+              recipe_text=TUNE_RECIPE.replace("data:\n  train: train.jsonl\n",
+                                              "data:\n  train: train.jsonl\n  validation_fraction: 0\n")),
+]
+
+
+ALL = RECIPE_CASES + CLI_CASES + DATA_CASES + RUN_CASES + DISTRIBUTED_CASES + TUNE_CASES
 
 
 @pytest.mark.parametrize("case", ALL, ids=[c.id for c in ALL])

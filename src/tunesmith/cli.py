@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from tunesmith import cli_data, cli_plan, cli_synth
+from tunesmith import cli_data, cli_plan, cli_synth, cli_tune
 from tunesmith.cli_common import non_negative_float, non_negative_int, path, port, positive_float, positive_int
 from tunesmith.cli_common import quiet_libraries as _quiet_libraries
 from tunesmith.errors import TunesmithError
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
 
     cli_plan.register(sub, common, recipe_args)
+    cli_tune.register(sub, common, recipe_args)
 
     data = sub.add_parser("data", parents=[common], help="check, clean, split, balance, grow and preview data")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
@@ -652,4 +653,4 @@ COMMANDS = {"init": cmd_init, "validate": cmd_validate, "train": cmd_train, "lau
             "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "score": cmd_score, "report": cmd_report,
             "review": cmd_review, "export": cmd_export, "compare": cmd_compare, "predict": cmd_predict,
             "methods": cmd_methods, "serve": cmd_serve, "monitor": cmd_monitor, "retrain": cmd_retrain,
-            **cli_plan.COMMANDS}
+            **cli_plan.COMMANDS, **cli_tune.COMMANDS}
