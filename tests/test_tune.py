@@ -241,6 +241,11 @@ def test_an_adapter_section_is_asked_only_with_its_adapter(folder, tiny_model_di
     assert "allow only ['lora']" in str(err.value) or "none of the adapters" in str(err.value)
 
 
+def test_timeout_starts_no_trial_after_it_passes(folder):
+    summary = search(folder, "timeout", 5, timeout_s=0.01, pruner="hyperband")
+    assert [t["state"] for t in summary["trials"]] == ["complete"]  # the first ran to the end; no second began
+
+
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("30m", 1800), ("2h", 7200), ("1h30m", 5400)])
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds

@@ -105,7 +105,8 @@ def render(summary: dict[str, Any]) -> str:
     if summary.get("no_pruning"):
         parts.append(f"<p>No pruning: {t(summary['no_pruning'])}.</p>")
     parts.append(_final(summary.get("final")))
-    parts.append("<h2>Optimization history</h2>" + history_chart(summary))
+    parts.append("<h2>Optimization history</h2><p>Filled dots: complete trials; hollow: pruned trials at their last "
+                 "evaluation; the line: the best complete trial so far.</p>" + history_chart(summary))
     parts.append("<h2>Parameter importances</h2>" + importance_chart(summary.get("importances")))
     parts.append("<h2>Metric against each parameter</h2><div class='charts'>"
                  + "".join(param_chart(summary, p) for p in summary["space"]) + "</div>")
