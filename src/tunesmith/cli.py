@@ -338,7 +338,7 @@ def cmd_launch(args) -> int:
                              f"{d.nnodes - 1}", "give each machine its own number below --nnodes")
     if args.print_only:
         print(cluster_commands(d, args.recipe, list(args.overrides), args.master or f"NODE0_HOST:{DEFAULT_PORT}",
-                               args.resume))
+                               recipe.output.dir, args.resume))
         return 0
     distributed.check_device(d, str(args.recipe))
     if d.nnodes > 1 and not args.master:
