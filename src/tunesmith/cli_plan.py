@@ -1,5 +1,5 @@
 """`tunesmith plan RECIPE [KEY=VALUE...] [--device cpu|cuda] [--gpus N] [--memory GB] [--probe]`: will the run fit,
-and how long will it take. The analytic plan loads no weights; `--probe` trains two real steps (plan_probe.py).
+and how long will it take. The analytic plan loads no weights; `--probe` trains three real steps (plan_probe.py).
 Errors in what was given are TunesmithErrors (exit code 2).
 """
 
@@ -15,7 +15,7 @@ def register(sub, common: argparse.ArgumentParser, recipe_args: argparse.Argumen
     """Add the `plan` subcommand to the top-level sub-parser."""
     p = sub.add_parser("plan", parents=[common, recipe_args], help="memory per device (weights, gradients, optimizer, "
                        "activations, logits, reference models, KV cache), steps and a verdict before a run; "
-                       "--probe measures two real steps")
+                       "--probe measures three real steps")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="plan for this device (default: a GPU when there is one here, else the CPU)")
     p.add_argument("--gpus", type=positive_int, default=None,
@@ -23,7 +23,7 @@ def register(sub, common: argparse.ArgumentParser, recipe_args: argparse.Argumen
     p.add_argument("--memory", type=positive_float, default=None, metavar="GB",
                    help="memory of one device in GiB (default: this machine's RAM, this GPU's memory, or 80 for "
                         "--device cuda without a GPU here)")
-    p.add_argument("--probe", action="store_true", help="also train two real steps on the longest batch and one "
+    p.add_argument("--probe", action="store_true", help="also train three real steps on the longest batch and one "
                    "evaluation batch: measured peak memory, seconds per step, time to finish (nothing is saved)")
 
 

@@ -15,12 +15,13 @@ plan that will not fit lists fixes, cheapest first, each re-estimated. `tunesmit
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from tunesmith.errors import RunError, TunesmithError
+from tunesmith.plan_inputs import (SHAPES, Batch, ModelFacts, Shape, count_steps, encoded_rows,  # noqa: F401
+                                   longest_batch, model_facts, row_sequences)
 from tunesmith.recipe import Recipe
 
 GB = 1024**3
@@ -44,52 +45,18 @@ LOGIT_COPIES = 3
 # TRL's chunked log-probabilities (dpo, kto, orpo, grpo, rloo: `fused_lm_head`) hold one chunk of logits and its
 # log-softmax, for every position of every sequence, the reference's forward included.
 FUSED_LOGIT_COPIES = 2
+# On the CPU, glibc's malloc keeps freed activation memory in its heap between steps (tensors under its mmap
+# threshold, which grows to 32 MB after large frees: the many small activation tensors, not the logits, which are
+# mapped and unmapped whole), so a step's resident peak exceeds the bytes alive at once. Fitted by least squares on
+# five recipes of bench/plan_accuracy.py (sft lora b4/b8 × s128/s256, full, qlora; 2026-12-08, AMD EPYC, fp32):
+# resident peak = the terms + 0.98 × activations + 0.06 GB (trainer, datasets, optimizer). The retention follows
+# the forward's working set, so it is the activations *without* checkpointing (the one checkpointed recipe
+# measured 1.56 and 1.91 GB in two runs against 1.65 predicted; 1.10 if counted on its checkpointed activations).
+# MALLOC_MMAP_THRESHOLD_=131072 brings it to 0 (1.08 GB measured vs 1.07 predicted for sft lora b4 s128) at
+# 1.7-10x slower steps. GPUs: max_memory_allocated counts tensors, so 0 there.
+CPU_RETAINED = 0.98
+CPU_OVERHEAD = int(0.06 * GB)
 MIXED_ACTIVATION_SHARE = 0.6  # bf16/fp16 autocast: matmul outputs are half width, norms stay fp32 (not measured here)
-
-
-@dataclass(frozen=True)
-class Shape:
-    """How a method's step uses memory (the planner's only per-method knowledge; a method not listed trains like
-    sft)."""
-
-    task: str = "causal-lm"  # or "seq-cls": a classification head instead of the vocabulary
-    loss: str = "trained"  # trained: logits at labelled positions · fused: TRL log-probs at every position ·
-    # head: a small head · generated: log-softmax over the sampled replies (ppo)
-    sequences: int = 1  # sequences per row in a batch beyond what the row holds (kto: the row and its KL partner)
-    reference: bool = False  # a frozen reference model (when its params' beta / kl_coef is above 0)
-    generates: bool = False  # samples replies while training (KV cache)
-    value_head: bool = False
-    trains: bool = True  # False: nothing back-propagates (features, fewshot, ensemble)
-
-
-SHAPES: dict[str, Shape] = {
-    "sft": Shape(), "pretrain": Shape(),
-    "classify": Shape(task="seq-cls", loss="head"), "reward": Shape(task="seq-cls", loss="head"),
-    "dpo": Shape(loss="fused", reference=True), "kto": Shape(loss="fused", sequences=2, reference=True),
-    "orpo": Shape(loss="fused"),
-    "grpo": Shape(loss="fused", reference=True, generates=True),
-    "rloo": Shape(loss="fused", reference=True, generates=True),
-    "ppo": Shape(loss="generated", reference=True, generates=True, value_head=True),
-    "features": Shape(trains=False), "fewshot": Shape(trains=False), "ensemble": Shape(trains=False),
-}
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the plan needs of the model: its shape from config.json and parameter counts from the meta model."""
-
-    name: str
-    layers: int
-    hidden: int
-    intermediate: int
-    kv_width: int  # key/value heads × head dim
-    vocab: int
-    total: int  # parameters (the head included)
-    linear: int  # parameters of the decoder layers' linear layers (what qlora stores in 4 bits)
-    largest_layer: int  # parameters of one decoder layer (what fsdp / ZeRO-3 gather at a time)
-    trainable: dict[str, int] = field(default_factory=dict)  # adapter -> trainable parameters
-    added: dict[str, int] = field(default_factory=dict)  # adapter -> parameters it adds to the model (LoRA's A, B…)
-    reward_params: int = 0  # the reward run's model (grpo, rloo, ppo with method.reward_model)
 
 
 @dataclass(frozen=True)
@@ -165,156 +132,6 @@ class Plan:
         return max((t for t in self.terms if not t.host), key=lambda t: t.bytes)
 
 
-# ----------------------------------------------------------------------------------------------- the model
-
-
-def model_facts(recipe: Recipe, source, num_labels: int = 2, adapters: tuple[str, ...] = ()) -> ModelFacts:
-    """The model's shape and exact parameter counts (the recipe's adapter, and `adapters`), without its weights."""
-    import torch
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = getattr(text, "num_attention_heads", 1)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    shape = SHAPES.get(recipe.method.name, Shape())
-    with torch.device("meta"):
-        model = _meta_model(config, shape.task, num_labels)
-    total = sum(p.numel() for p in model.parameters())
-    linear, layer = _linear_params(model)
-    trainable, added = {}, {}
-    for name in dict.fromkeys((getattr(recipe.method, "adapter", "full"), *adapters)):
-        trainable[name], wrapped = _wrapped_counts(recipe, config, shape, num_labels, name)
-        added[name] = wrapped - total
-    return ModelFacts(name=source.describe(), layers=text.num_hidden_layers, hidden=text.hidden_size,
-                      intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
-                      kv_width=getattr(text, "num_key_value_heads", heads) * head_dim, vocab=text.vocab_size,
-                      total=total, linear=linear, largest_layer=layer, trainable=trainable, added=added,
-                      reward_params=_reward_params(recipe.method))
-
-
-def _meta_model(config, task: str, num_labels: int):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    if task == "seq-cls":
-        return AutoModelForSequenceClassification.from_config(config, num_labels=num_labels)
-    return AutoModelForCausalLM.from_config(config)
-
-
-def _linear_params(model) -> tuple[int, int]:
-    """(parameters of the decoder layers' linear layers, parameters of the largest decoder layer)."""
-    from torch import nn
-
-    from tunesmith.methods.bottleneck import decoder_layers
-
-    _, layers = decoder_layers(model)
-    linear = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
-                 for layer in layers for m in layer.modules() if isinstance(m, nn.Linear))
-    return linear, max(sum(p.numel() for p in layer.parameters()) for layer in layers)
-
-
-def _wrapped_counts(recipe: Recipe, config, shape: Shape, num_labels: int, adapter: str) -> tuple[int, int]:
-    """(trainable, total) parameters under `adapter`: the meta model wrapped exactly as the method wraps it (a
-    value head counted as trainable)."""
-    import torch
-
-    from tunesmith.methods.adapters import AdapterParamsMixin, apply_adapter
-
-    if not shape.trains:
-        with torch.device("meta"):
-            return 0, sum(p.numel() for p in _meta_model(config, shape.task, num_labels).parameters())
-    params = recipe.method
-    if getattr(params, "adapter", None) != adapter:
-        params = AdapterParamsMixin(adapter=adapter) if not hasattr(params, "adapter") else \
-            params.model_copy(update={"adapter": adapter})
-    if adapter == "prompt" and params.prompt.init_text:  # same count; the text's embeddings need real weights
-        params = params.model_copy(update={"prompt": params.prompt.model_copy(update={"init_text": None})})
-    with torch.device("meta"):
-        model = apply_adapter(_meta_model(config, shape.task, num_labels), params, shape.task)
-    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    head = config.get_text_config().hidden_size + 1 if shape.value_head else 0
-    return count + head, sum(p.numel() for p in model.parameters()) + head
-
-
-def _reward_params(params) -> int:
-    """Parameters of the reward model a run scores replies with (its manifest's count; 0 for a function)."""
-    import json
-    from pathlib import Path
-
-    folder = getattr(params, "reward_model", None)
-    if not folder:
-        return 0
-    try:
-        return int(json.loads((Path(folder) / "manifest.json").read_text())["training"]["total_params"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-
-
-# ----------------------------------------------------------------------------------------------- the rows
-
-
-def row_sequences(row) -> list[tuple[int, int]]:
-    """Each sequence the model runs for one encoded row: (length, first position whose next token is labelled)."""
-    if hasattr(row, "rejected_ids"):  # reward pairs
-        return [(len(row.input_ids), 0), (len(row.rejected_ids), 0)]
-    labels = list(getattr(row, "labels", []) or [])
-    if len(labels) != len(row.input_ids):  # classification rows: one label id for the whole text
-        return [(len(row.input_ids), 0)]
-    if hasattr(row, "rejected") and hasattr(row, "chosen"):  # a preference pair: prompt+chosen, prompt+rejected
-        cut = _second_prompt(labels)
-        return [(cut, _first_label(labels[:cut])), (len(labels) - cut, _first_label(labels[cut:]))]
-    return [(len(labels), _first_label(labels))]
-
-
-def _first_label(labels: list[int]) -> int:
-    return max(0, next((i for i, x in enumerate(labels) if x != -100), len(labels)) - 1)
-
-
-def _second_prompt(labels: list[int]) -> int:
-    """Where the second sequence of a concatenated pair starts: after the first labelled run."""
-    seen = False
-    for i, x in enumerate(labels):
-        if x != -100:
-            seen = True
-        elif seen:
-            return i
-    return len(labels)
-
-
-@dataclass(frozen=True)
-class Batch:
-    """The worst micro-batch: the longest sequences, and the positions the loss projects to the vocabulary."""
-
-    sequences: int
-    longest: int
-    loss_positions: int  # per sequence (union over the batch, as trained_token_loss keeps them)
-
-
-def longest_batch(rows: list, batch_size: int, max_seq_len: int, extra: int = 1, prompt_only: int = 0) -> Batch:
-    """The batch of the `batch_size` longest rows (each row's sequences, cut to `max_seq_len`)."""
-    seqs = sorted((s for row in rows for s in row_sequences(row)), key=lambda s: -s[0])
-    per_row = max(1, len(row_sequences(rows[0]))) if rows else 1
-    top = seqs[:batch_size * per_row] or [(1, 0)]
-    longest = min(max_seq_len, top[0][0] + prompt_only)
-    start = min(s[1] for s in top)
-    return Batch(sequences=batch_size * per_row * extra, longest=longest,
-                 loss_positions=max(1, min(longest, top[0][0]) - min(start, longest - 1)))
-
-
-def count_steps(recipe: Recipe, rows: int, shape: Shape, world: int) -> tuple[int, int]:
-    """(optimizer steps, rows per optimizer step across devices), as the trainer counts them."""
-    t, p = recipe.train, recipe.method
-    if recipe.method.name == "ppo":
-        size = p.rollout_batch_size or t.batch_size
-        return (t.max_steps or max(1, math.ceil(t.epochs * rows / size))), size
-    per_step = t.batch_size * t.gradient_accumulation * world
-    if shape.generates:  # batch_size counts replies; num_generations replies share one prompt
-        rows = rows * getattr(p, "num_generations", 1)
-    batches = math.ceil(rows / (t.batch_size * world))
-    per_epoch = max(1, batches // t.gradient_accumulation)
-    return (t.max_steps or math.ceil(t.epochs * per_epoch)), per_step
-
-
 # ----------------------------------------------------------------------------------------------- the estimate
 
 
@@ -386,6 +203,11 @@ def estimate(m: ModelFacts, s: Settings, shape: Shape, rows: list, params, devic
                           "the base with the adapter switched off (no copy)" if not copy else "a frozen adapter copy"))
     if m.reward_params:
         terms.append(Term("reward model", m.reward_params * 4, "the reward run's model, fp32"))
+    if device == "cpu" and shape.trains:
+        working = other if s.checkpointing else act
+        terms.append(Term("allocator retention", int(CPU_RETAINED * working) + CPU_OVERHEAD,
+                          f"freed memory malloc keeps between steps: {CPU_RETAINED} × activations without "
+                          f"checkpointing + {CPU_OVERHEAD / GB:.2f} GB (fitted on this CPU)"))
     kv = 0
     if shape.generates:
         gen_rows = s.batch_size
@@ -441,9 +263,10 @@ def peak_of(terms: list[Term]) -> int:
     """The step's peak on one device: everything resident, plus the larger of the backward's start (activations
     and logits alive) and its end (gradients filled in, activations freed), and of generation (KV cache)."""
     size = {t.name: t.bytes for t in terms if not t.host}
-    transient = {"activations", "logits", "gradients", "KV cache (generation)"}
+    transient = {"activations", "logits", "allocator retention", "gradients", "KV cache (generation)"}
     resident = sum(b for name, b in size.items() if name not in transient)
-    train = max(size.get("activations", 0) + size.get("logits", 0), size.get("gradients", 0))
+    train = max(size.get("activations", 0) + size.get("logits", 0) + size.get("allocator retention", 0),
+                size.get("gradients", 0))
     return resident + max(train, size.get("KV cache (generation)", 0))
 
 
@@ -492,6 +315,9 @@ def build_plan(recipe: Recipe, source=None, train_rows: list | None = None, vali
                              "see `tunesmith data preview` and rejects.jsonl for why")
     shape = SHAPES.get(recipe.method.name, Shape())
     kind, name, capacity = device_memory(device, gpus, memory_bytes)
+    if kind == "cpu" and recipe.distributed.nproc > 1:  # the processes of one machine share its memory
+        capacity //= recipe.distributed.nproc
+        name += f", shared by {recipe.distributed.nproc} processes"
     s = settings_of(recipe)
     if s.precision == "auto":
         s = dataclasses.replace(s, precision=_auto_precision(kind))
@@ -521,20 +347,6 @@ def _auto_precision(kind: str) -> str:
     if kind == "cuda" and not torch.cuda.is_available():
         return "bf16"
     return pick_precision("auto")
-
-
-def encoded_rows(recipe: Recipe):
-    """(model source, training rows, validation rows) as `tunesmith train` encodes them, without loading weights."""
-    from tunesmith.data import prepare_data
-    from tunesmith.methods import REGISTRY
-    from tunesmith.model import load_tokenizer, resolve_model
-    from tunesmith.train import encode_rows
-
-    method = REGISTRY[recipe.method.name]
-    data = prepare_data(recipe.data, recipe.train.seed, method.record_types)
-    source = resolve_model(recipe.model.name, recipe.model.cache_dir)
-    encoded = (method.encode or encode_rows)(data, load_tokenizer(source), recipe)
-    return source, encoded.train, encoded.validation
 
 
 def find_fixes(plan: Plan, shape: Shape, rows: list, params) -> list[Fix]:
@@ -591,55 +403,7 @@ def find_fixes(plan: Plan, shape: Shape, rows: list, params) -> list[Fix]:
     return [together, *out]
 
 
-# ----------------------------------------------------------------------------------------------- showing it
-
-
-def gb(n: int) -> str:
-    return f"{n / GB:.2f} GB"
-
-
-def format_plan(plan: Plan) -> str:
-    """The plan as the terminal table `tunesmith plan` prints."""
-    s, m = plan.settings, plan.model
-    where = f"{plan.device} · {plan.device_name} · {gb(plan.capacity)}"
-    strategy = s.strategy + (f" zero {s.zero_stage}" if s.strategy == "deepspeed" else "") + \
-        (f" offload {s.offload}" if s.offload != "none" else "")
-    rows = [("model", m.name), ("method", f"{plan.method} ({s.adapter}) · precision {s.precision}"),
-            ("parameters", f"{plan.total:,} total · {plan.trainable:,} trainable "
-                           f"({100 * plan.trainable / max(plan.total, 1):.2f}%)"),
-            ("device", where), ("strategy", f"{strategy} · world size {s.world_size}"),
-            ("batch", f"{s.batch_size} per device × {s.accumulation} accumulation × {s.world_size} = "
-                      f"{plan.global_batch} rows per step; longest sequence {plan.longest} tokens "
-                      f"(max_seq_len {s.max_seq_len})"),
-            ("steps", f"{plan.steps:,} optimizer steps from {plan.rows:,} training rows")]
-    width = max(len(k) for k, _ in rows)
-    lines = ["", "plan"] + [f"  {k:<{width}}  {v}" for k, v in rows]
-    lines += ["", f"  memory per device{'':<8}{'GB':>8}  what"]
-    for t in plan.terms:
-        lines.append(f"  {t.name:<25}{t.bytes / GB:>8.2f}  {t.note}")
-    lines.append(f"  {'peak (step)':<25}{plan.peak / GB:>8.2f}  resident terms + the larger of activations+logits "
-                 "and gradients")
-    lines.append(f"  {'runtime':<25}{plan.runtime / GB:>8.2f}  libraries" +
-                 (" and CUDA context" if plan.device == "cuda" else ", tokenizer and rows (measured here)"))
-    lines.append(f"  {'total':<25}{(plan.peak + plan.runtime) / GB:>8.2f}  of {gb(plan.capacity)} "
-                 f"({plan.share:.0%})")
-    lines += ["", f"  verdict: {plan.verdict.upper()}" + {"fits": "", "tight": f" (over {TIGHT:.0%} of the memory)",
-                                                          "will not fit": ""}[plan.verdict]]
-    if plan.fixes:
-        lines.append("  fixes, cheapest first:")
-        for f in plan.fixes:
-            lines.append(f"    {f.what:<60} peak {gb(f.peak)} · {f.verdict} — {f.why}")
-    if plan.probe is not None:
-        from tunesmith.plan_probe import probe_lines
-
-        lines += probe_lines(plan)
-    return "\n".join(lines)
-
-
-def summary_line(plan: Plan) -> str:
-    """One line: the estimate and the verdict (what `tunesmith train` prints before the model loads)."""
-    return (f"plan: peak {gb(plan.peak)} + runtime {gb(plan.runtime)} of {gb(plan.capacity)} on {plan.device} "
-            f"({plan.share:.0%}): {plan.verdict}; {plan.steps:,} steps (`tunesmith plan` for the table)")
+from tunesmith.plan_view import format_plan, gb, summary_line  # noqa: E402 - re-exported: the plan's public face
 
 
 def check_fits(recipe: Recipe, source, train_rows: list, validation_rows: list,

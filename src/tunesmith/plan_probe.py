@@ -1,15 +1,19 @@
-"""`tunesmith plan --probe`: two real training steps on the longest batch and one evaluation, measured.
+"""`tunesmith plan --probe`: three real training steps on the longest batch and one evaluation, measured.
 
 The probe trains through the recipe's own method (`method.train`, the same model, adapter, trainer and loss) on a
-copy of the recipe cut to two steps, in a temporary folder that is removed afterwards: nothing is written into the
+copy of the recipe cut to three steps, in a temporary folder that is removed afterwards: nothing is written into the
 run folder. It measures
 - peak memory: on the CPU the kernel's high-water mark of the process's resident memory (VmHWM in
   /proc/self/status, reset through /proc/self/clear_refs just before the model loads) less the resident memory at
   that moment — where the reset is refused, a thread sampling VmRSS every 2 ms instead; on CUDA
   `torch.cuda.max_memory_allocated` less what was allocated before;
-- seconds per step: the second step (the first pays one-time costs), times gradient accumulation;
+- seconds per step: the faster of the second and third steps (the first pays one-time costs; on the CPU, steps then
+  alternate fast and slow while malloc grows and trims its heap — measured 1.7 vs 5.0 s — and one more step than
+  asked for catches a typical one), times gradient accumulation;
 - seconds per evaluation batch: the evaluation after training, per batch of the longest rows.
-The time to finish scales the longest batch's step by the typical batch's tokens (random batches of the rows).
+The time to finish counts every step as long as the longest batch's (bench/plan_accuracy.py: scaling it by a
+typical batch's tokens fell 10-23% short on classify and dpo, whose per-step costs don't shrink with the tokens);
+`finish_low_seconds` is that token-scaled figure, a floor when row lengths vary.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from tunesmith.recipe import Recipe
+
+
+PROBE_STEPS = 3
 
 
 @dataclass
@@ -32,10 +38,11 @@ class ProbeResult:
     peak_bytes: int  # measured peak above the baseline (see `measured`)
     measured: str  # what was measured, in words
     step_seconds: list[float]  # each probe step on the longest batch (one micro-batch each)
-    seconds_per_step: float  # the second step × gradient accumulation
+    seconds_per_step: float  # the faster of steps 2 and 3, × gradient accumulation
     eval_seconds_per_batch: float | None
     typical_scale: float  # typical batch tokens / longest batch tokens
-    finish_seconds: float  # estimated time to finish the run (steps and evaluations)
+    finish_seconds: float  # estimated time to finish the run (steps and evaluations), every batch the longest
+    finish_low_seconds: float  # the same with each step scaled by a typical batch's tokens (a floor)
     evaluations: int  # evaluation batches counted in finish_seconds
     notes: list[str] = field(default_factory=list)
 
@@ -150,8 +157,9 @@ def typical_scale(rows: list, batch_size: int, seed: int = 0, draws: int = 200) 
 
 
 def probe_recipe(recipe: Recipe, out: Path) -> Recipe:
-    """The recipe cut to two steps of one micro-batch, no checkpoints or evaluations during training, into `out`."""
-    t = recipe.train.model_copy(update={"max_steps": 2, "gradient_accumulation": 1, "eval_every": None,
+    """The recipe cut to PROBE_STEPS steps of one micro-batch, without checkpoints or evaluations while it trains,
+    its run folder `out`."""
+    t = recipe.train.model_copy(update={"max_steps": PROBE_STEPS, "gradient_accumulation": 1, "eval_every": None,
                                         "save_every": None, "keep_best": False, "early_stopping_patience": None,
                                         "log_every": 1})
     return recipe.model_copy(update={"train": t, "eval": recipe.eval.model_copy(update={"loss_before": False}),
@@ -160,7 +168,7 @@ def probe_recipe(recipe: Recipe, out: Path) -> Recipe:
 
 def probe(recipe: Recipe, source=None, train_rows: list | None = None, validation_rows: list | None = None,
           device: str | None = None, plan=None, echo=print) -> ProbeResult:
-    """Two real steps on the longest batch and one evaluation batch through the recipe's method; measured peak
+    """PROBE_STEPS real steps on the longest batch and one evaluation batch through the recipe's method; measured peak
     memory and seconds per step, and the estimated time to finish (steps from `plan` when given)."""
     import torch
 
@@ -183,27 +191,30 @@ def probe(recipe: Recipe, source=None, train_rows: list | None = None, validatio
         cut = probe_recipe(recipe, folder / "run")
         run = RunDir(folder / "run")
         run.root.mkdir(parents=True)
-        job = Job(recipe=cut, run=run, source=source, tokenizer=load_tokenizer(source), train_rows=longest * 2,
+        job = Job(recipe=cut, run=run, source=source, tokenizer=load_tokenizer(source),
+                  train_rows=longest * PROBE_STEPS,
                   validation_rows=list(longest), loss_rows=[], precision=pick_precision(recipe.train.precision),
                   callbacks=[clock])
-        echo(f"probe: 2 steps of {size} rows × {max(_row_tokens(r) for r in longest)} tokens (the longest) and one "
-             "evaluation, through the recipe's method…")
+        tokens = max(_row_tokens(r) for r in longest)
+        echo(f"probe: {PROBE_STEPS} steps of {size} rows × {tokens} tokens (the longest) and one evaluation, through "
+             "the recipe's method…")
         memory.start()
         method.train(job)
         peak = memory.stop()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    steps = clock.step_seconds(2)
-    per_step = (steps[-1] if steps else float("nan")) * recipe.train.gradient_accumulation
+    steps = clock.step_seconds(PROBE_STEPS)
+    per_step = (min(steps[1:] or steps) if steps else float("nan")) * recipe.train.gradient_accumulation
     eval_batch = (clock.evals[-1] - clock.end) if clock.evals and clock.end else None
     scale = typical_scale(train_rows, recipe.train.batch_size, recipe.train.seed)
     if method.name == "ppo" or getattr(recipe.method, "max_completion_length", None):
         scale = 1.0  # generation length, not the prompts, sets a step's time
     total_steps = plan.steps if plan is not None else (recipe.train.max_steps or 0)
     batches = evaluation_batches(recipe, len(validation_rows or []), total_steps)
-    finish = total_steps * per_step * scale + batches * (eval_batch or 0.0) * scale
+    finish = total_steps * per_step + batches * (eval_batch or 0.0)
     return ProbeResult(peak_bytes=peak, measured=memory.how, step_seconds=steps, seconds_per_step=per_step,
                        eval_seconds_per_batch=eval_batch, typical_scale=scale, finish_seconds=finish,
+                       finish_low_seconds=finish * scale,
                        evaluations=batches)
 
 
@@ -215,29 +226,3 @@ def evaluation_batches(recipe: Recipe, validation_rows: int, steps: int) -> int:
     sample = math.ceil(recipe.eval.loss_rows / b)
     during = (steps // t.eval_every) * val if t.eval_every else 0
     return (2 if recipe.eval.loss_before else 1) * (val + sample) + during
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def probe_lines(plan) -> list[str]:
-    """The probe's lines under the plan's table."""
-    from tunesmith.plan import gb
-
-    p: ProbeResult = plan.probe
-    lines = ["", "  probe (measured: 2 steps on the longest batch, 1 evaluation batch)",
-             f"    peak memory      {gb(p.peak_bytes)} — {p.measured}; the plan said {gb(plan.peak)} "
-             f"({(plan.peak - p.peak_bytes) / max(p.peak_bytes, 1):+.0%})",
-             f"    steps            {', '.join(f'{s:.2f} s' for s in p.step_seconds)} → {p.seconds_per_step:.2f} s "
-             f"per optimizer step on the longest batch"]
-    if p.eval_seconds_per_batch is not None:
-        lines.append(f"    evaluation       {p.eval_seconds_per_batch:.2f} s per batch")
-    lines.append(f"    time to finish   ~{_duration(p.finish_seconds)}: {plan.steps:,} steps × "
-                 f"{p.seconds_per_step:.2f} s × {p.typical_scale:.2f} (a typical batch's tokens / the longest's) + "
-                 f"{p.evaluations} evaluation batches")
-    return lines
