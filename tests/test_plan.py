@@ -17,9 +17,9 @@ CHATS = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}? " + "
          for i in range(24)]
 
 
-def make(tmp_path, model_dir, method=None, rows=CHATS, **train):
+def make(tmp_path, model_dir, method=None, rows=CHATS, distributed=None, **train):
     data = write_jsonl(tmp_path / "train.jsonl", rows)
-    return parse_recipe({"model": {"name": str(model_dir)},
+    return parse_recipe({"model": {"name": str(model_dir)}, "distributed": distributed or {},
                          "data": {"train": str(data), "validation_fraction": 0.0, "check": {"enabled": False}},
                          "method": {"name": "sft", "adapter": "lora", **(method or {})},
                          "train": {"batch_size": 4, "max_seq_len": 64, "precision": "fp32", "seed": 3, **train},
@@ -87,6 +87,15 @@ def test_zero3_over_two_devices_halves_weights_gradients_and_optimizer(tmp_path,
     offload = dataclasses.replace(zero3, offload="optimizer")
     moved = {t.name: t for t in estimate(plan.model, offload, SHAPES["sft"], rows, recipe.method, "cpu")[0]}
     assert moved["AdamW states"].host and not moved["weights"].host
+
+
+def test_processes_on_one_cpu_share_its_memory_and_ddp_adds_gradient_buckets(tmp_path, tiny_model_dir):
+    one = plan_of(make(tmp_path, tiny_model_dir))
+    two = plan_of(make(tmp_path, tiny_model_dir, distributed={"nproc": 2}))
+    assert two.settings.strategy == "ddp" and two.capacity == one.capacity // 2 and two.global_batch == 8
+    assert term(two, "DDP gradient buckets") == term(two, "gradients") == 4 * two.trainable
+    assert two.peak == one.peak + 4 * two.trainable  # the buckets stay resident
+    assert two.steps == 3  # 24 rows / (4 per device × 2 devices)
 
 
 def test_activations_grow_with_tokens_and_checkpointing_keeps_one_value_per_layer_and_token(tmp_path,
