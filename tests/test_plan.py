@@ -70,22 +70,23 @@ def test_weights_are_fp32_and_qlora_stores_linear_layers_in_four_bits(tmp_path, 
 
 
 def test_zero3_over_two_devices_halves_weights_gradients_and_optimizer(tmp_path, tiny_model_dir):
-    from tunesmith.plan import SHAPES, estimate
+    from tunesmith.methods.sft import METHOD as SFT
+    from tunesmith.plan import estimate
 
     recipe = make(tmp_path, tiny_model_dir, {"adapter": "full"})
     plan = plan_of(recipe)
     rows = __import__("tunesmith.plan", fromlist=["encoded_rows"]).encoded_rows(recipe)[1]
     one = {t.name: t for t in plan.terms}
     zero3 = dataclasses.replace(plan.settings, strategy="deepspeed", zero_stage=3, world_size=2)
-    two = {t.name: t for t in estimate(plan.model, zero3, SHAPES["sft"], rows, recipe.method, "cpu")[0]}
+    two = {t.name: t for t in estimate(plan.model, zero3, SFT.shape, rows, recipe.method, "cpu")[0]}
     for name in ("weights", "gradients", "AdamW states"):
         assert two[name].bytes == one[name].bytes // 2
     assert two["activations"].bytes == one["activations"].bytes  # each device still runs its own batch
-    zero2 = {t.name: t for t in estimate(plan.model, dataclasses.replace(zero3, zero_stage=2), SHAPES["sft"], rows,
+    zero2 = {t.name: t for t in estimate(plan.model, dataclasses.replace(zero3, zero_stage=2), SFT.shape, rows,
                                          recipe.method, "cpu")[0]}
     assert zero2["weights"].bytes == one["weights"].bytes and zero2["gradients"].bytes == one["gradients"].bytes // 2
     offload = dataclasses.replace(zero3, offload="optimizer")
-    moved = {t.name: t for t in estimate(plan.model, offload, SHAPES["sft"], rows, recipe.method, "cpu")[0]}
+    moved = {t.name: t for t in estimate(plan.model, offload, SFT.shape, rows, recipe.method, "cpu")[0]}
     assert moved["AdamW states"].host and not moved["weights"].host
 
 

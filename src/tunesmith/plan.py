@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from tunesmith.errors import RunError, TunesmithError
-from tunesmith.plan_inputs import (SHAPES, Batch, ModelFacts, Shape, count_steps, encoded_rows,  # noqa: F401
+from tunesmith.plan_inputs import (Batch, ModelFacts, Shape, shape_of, count_steps, encoded_rows,  # noqa: F401
                                    longest_batch, model_facts, row_sequences)
 from tunesmith.recipe import Recipe
 
@@ -313,7 +313,7 @@ def build_plan(recipe: Recipe, source=None, train_rows: list | None = None, vali
     if not train_rows:
         raise TunesmithError(f"{recipe.data.train}: no training rows left to plan with",
                              "see `tunesmith data preview` and rejects.jsonl for why")
-    shape = SHAPES.get(recipe.method.name, Shape())
+    shape = shape_of(recipe.method.name)
     kind, name, capacity = device_memory(device, gpus, memory_bytes)
     if kind == "cpu" and recipe.distributed.nproc > 1:  # the processes of one machine share its memory
         capacity //= recipe.distributed.nproc

@@ -8,34 +8,15 @@ import copy
 import math
 from dataclasses import dataclass, field
 
+from tunesmith.methods.base import Shape
 from tunesmith.recipe import Recipe
 
 
-@dataclass(frozen=True)
-class Shape:
-    """How a method's step uses memory (the planner's only per-method knowledge; a method not listed trains like
-    sft)."""
+def shape_of(method: str) -> Shape:
+    """How the method named `method` uses memory (its `Method.shape`)."""
+    from tunesmith.methods import REGISTRY
 
-    task: str = "causal-lm"  # or "seq-cls": a classification head instead of the vocabulary
-    loss: str = "trained"  # trained: logits at labelled positions · fused: TRL log-probs at every position ·
-    # head: a small head · generated: log-softmax over the sampled replies (ppo)
-    sequences: int = 1  # sequences per row in a batch beyond what the row holds (kto: the row and its KL partner)
-    reference: bool = False  # a frozen reference model (when its params' beta / kl_coef is above 0)
-    generates: bool = False  # samples replies while training (KV cache)
-    value_head: bool = False
-    trains: bool = True  # False: nothing back-propagates (features, fewshot, ensemble)
-
-
-SHAPES: dict[str, Shape] = {
-    "sft": Shape(), "pretrain": Shape(),
-    "classify": Shape(task="seq-cls", loss="head"), "reward": Shape(task="seq-cls", loss="head"),
-    "dpo": Shape(loss="fused", reference=True), "kto": Shape(loss="fused", sequences=2, reference=True),
-    "orpo": Shape(loss="fused"),
-    "grpo": Shape(loss="fused", reference=True, generates=True),
-    "rloo": Shape(loss="fused", reference=True, generates=True),
-    "ppo": Shape(loss="generated", reference=True, generates=True, value_head=True),
-    "features": Shape(trains=False), "fewshot": Shape(trains=False), "ensemble": Shape(trains=False),
-}
+    return REGISTRY[method].shape if method in REGISTRY else Shape()
 
 
 @dataclass(frozen=True)
@@ -65,7 +46,7 @@ def model_facts(recipe: Recipe, source, num_labels: int = 2, adapters: tuple[str
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", 1)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    shape = SHAPES.get(recipe.method.name, Shape())
+    shape = shape_of(recipe.method.name)
     with torch.device("meta"):
         model = _meta_model(config, shape.task, num_labels)
     total = sum(p.numel() for p in model.parameters())

@@ -12,6 +12,20 @@ TRAINER_STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")  # what a transformers
 
 
 @dataclass(frozen=True)
+class Shape:
+    """How a method's step uses memory, for `tunesmith plan` (its only per-method knowledge)."""
+
+    task: str = "causal-lm"  # or "seq-cls": a classification head instead of the vocabulary
+    loss: str = "trained"  # trained: logits at labelled positions · fused: TRL log-probs at every position ·
+    # head: a small head · generated: log-softmax over the sampled replies (ppo)
+    sequences: int = 1  # sequences per row in a batch beyond what the row holds (kto: the row and its KL partner)
+    reference: bool = False  # a frozen reference model (when its params' beta / kl_coef is above 0)
+    generates: bool = False  # samples replies while training (KV cache)
+    value_head: bool = False
+    trains: bool = True  # False: nothing back-propagates (features, fewshot, ensemble)
+
+
+@dataclass(frozen=True)
 class Method:
     """One entry of the registry. `train(job)` runs the method and returns a TrainOutcome.
 
@@ -31,7 +45,7 @@ class Method:
     (an ensemble's members), is the line train prints instead of the model's; each of those models then reads the
     texts with its own tokenizer. `summary_rows(losses)` adds the method's own lines to train's summary table.
     `strategies`: how it may train on several processes (`distributed.strategy`); a method with its own loop
-    (ppo, features, fewshot, ensemble) trains on one.
+    (ppo, features, fewshot, ensemble) trains on one. `shape`: how its step uses memory, for `tunesmith plan`.
     """
 
     name: str
@@ -49,6 +63,7 @@ class Method:
     models_line: Callable[[MethodParams], str] | None = None  # its models come from elsewhere: what train prints
     summary_rows: Callable[[dict[str, Any]], list[tuple[str, str]]] | None = None  # its own summary-table lines
     strategies: tuple[str, ...] = ("none",)  # distributed strategies: Trainer-based methods take TRAINER_STRATEGIES
+    shape: Shape = Shape()  # how its step uses memory (`tunesmith plan`)
 
 
 @dataclass

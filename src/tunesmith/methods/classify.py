@@ -35,7 +35,7 @@ from tunesmith.artifacts import atomic_write
 from tunesmith.data.format import Encoded
 from tunesmith.errors import DataError
 from tunesmith.methods.adapters import AdapterParamsMixin
-from tunesmith.methods.base import TRAINER_STRATEGIES, Method, TrainOutcome, padded_batches
+from tunesmith.methods.base import TRAINER_STRATEGIES, Method, Shape, TrainOutcome, padded_batches
 from tunesmith.schema import MethodParams, Strict
 
 TASK = "seq-cls"
@@ -662,6 +662,7 @@ METHOD = Method(
     metrics=("loss", "accuracy"),
     export=export,
     strategies=TRAINER_STRATEGIES,
+    shape=Shape(task="seq-cls", loss="head"),
     summary_rows=lambda losses: [] if losses.get("probe_train_accuracy") is None else [
         ("head init", f"linear probe, training accuracy {losses['probe_train_accuracy']:.4f} "
                       f"({losses['probe_seconds']:.1f} s)")],

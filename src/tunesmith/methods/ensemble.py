@@ -24,7 +24,7 @@ from pydantic import Field
 
 from tunesmith.artifacts import atomic_write
 from tunesmith.errors import RecipeError, RunError
-from tunesmith.methods.base import Method, TrainOutcome
+from tunesmith.methods.base import Method, Shape, TrainOutcome
 from tunesmith.methods.classify import encode_labelled
 from tunesmith.schema import MethodParams, PathKey
 
@@ -231,4 +231,5 @@ METHOD = Method(
     summary_rows=lambda losses: [
         (f"member {i}", f"validation accuracy {losses[f'member_{i}_validation_accuracy']:.4f}")
         for i in sorted(int(k.split("_")[1]) for k in losses if re.fullmatch(r"member_\d+_validation_accuracy", k))],
+    shape=Shape(trains=False),
 )

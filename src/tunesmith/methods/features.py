@@ -20,7 +20,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field
 
-from tunesmith.methods.base import Method, TrainOutcome
+from tunesmith.methods.base import Method, Shape, TrainOutcome
 from tunesmith.methods.classify import TextTemplateMixin, encode_labelled, tokenize_text  # the same rows
 from tunesmith.schema import MethodParams
 
@@ -348,4 +348,5 @@ METHOD = Method(
     encode=encode_labelled,
     metrics=(),
     export=export,
+    shape=Shape(trains=False),
 )

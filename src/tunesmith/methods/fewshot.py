@@ -35,7 +35,7 @@ from tunesmith.artifacts import atomic_write
 from tunesmith.data.records import Record, record_text
 from tunesmith.data.snapshot import read_records, write_records
 from tunesmith.errors import RecipeError, RunError
-from tunesmith.methods.base import Method, TrainOutcome
+from tunesmith.methods.base import Method, Shape, TrainOutcome
 from tunesmith.schema import SEED_LIMIT, MethodParams
 
 FOLDER = "fewshot"  # inside the run folder
@@ -262,4 +262,5 @@ METHOD = Method(
     encode=encode_pool,
     prompting=shot_picker,
     metrics=(),
+    shape=Shape(trains=False),
 )

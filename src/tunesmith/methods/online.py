@@ -25,7 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from tunesmith.data.format import IGNORE, Encoded, preference_pair, prompt_messages
 from tunesmith.errors import RecipeError
-from tunesmith.methods.base import (TRAINER_STRATEGIES, Method, TrainOutcome, all_checks, own_batches,
+from tunesmith.methods.base import (TRAINER_STRATEGIES, Method, Shape, TrainOutcome, all_checks, own_batches,
                                     padded_batches)
 from tunesmith.methods.preference import AlignmentRows, PolicyParams, chat_ids, fit_prompt
 from tunesmith.schema import MethodParams, PathKey
@@ -299,8 +299,10 @@ def train_rloo(job) -> TrainOutcome:
 METHODS = (
     Method(name="grpo", summary="GRPO: sample replies to prompts, learn from a reward model or a Python function",
            params=GRPOParams, record_types=PROMPT_KINDS, train=train_grpo,
-           encode=encode_prompts, check=ONLINE_CHECKS, metrics=(), strategies=TRAINER_STRATEGIES),
+           encode=encode_prompts, check=ONLINE_CHECKS, metrics=(), strategies=TRAINER_STRATEGIES,
+           shape=Shape(loss="fused", reference=True, generates=True)),
     Method(name="rloo", summary="RLOO: REINFORCE leave-one-out on sampled replies, reward model or Python function",
            params=RLOOParams, record_types=PROMPT_KINDS, train=train_rloo,
-           encode=encode_prompts, check=ONLINE_CHECKS, metrics=(), strategies=TRAINER_STRATEGIES),
+           encode=encode_prompts, check=ONLINE_CHECKS, metrics=(), strategies=TRAINER_STRATEGIES,
+           shape=Shape(loss="fused", reference=True, generates=True)),
 )

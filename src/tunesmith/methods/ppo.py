@@ -29,7 +29,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field
 
-from tunesmith.methods.base import Method, TrainOutcome, all_checks
+from tunesmith.methods.base import Method, Shape, TrainOutcome, all_checks
 from tunesmith.methods.online import (PROMPT_KINDS, ROLLOUT_BATCHES, OnlineParams, PromptRow,  # noqa: F401 - re-exported
                                      encode_prompts, reply_budget)
 from tunesmith.schema import MethodParams
@@ -685,4 +685,5 @@ METHOD = Method(
     encode=encode_prompts,
     check=all_checks(ROLLOUT_BATCHES, reply_budget, ppo_problems),
     metrics=(),
+    shape=Shape(loss="generated", reference=True, generates=True, value_head=True),
 )

@@ -29,7 +29,7 @@ from pydantic_core import PydanticCustomError
 from tunesmith.data.format import IGNORE, Encoded, preference_pair, prompt_messages, to_messages
 from tunesmith.errors import DataError, RecipeError
 from tunesmith.methods.adapters import AdapterParamsMixin
-from tunesmith.methods.base import (TRAINER_STRATEGIES, Method, TrainOutcome, all_checks, own_batches,
+from tunesmith.methods.base import (TRAINER_STRATEGIES, Method, Shape, TrainOutcome, all_checks, own_batches,
                                     padded_batches)
 from tunesmith.schema import MethodParams, PathKey
 
@@ -477,11 +477,12 @@ def _orpo_trainer_class():
 METHODS = (
     Method(name="dpo", summary="direct preference optimization on preference pairs, any TRL loss (sigmoid, ipo, …)",
            params=DPOParams, record_types=("preference",), train=train_dpo, encode=encode_pairs, check=PADDED,
-           strategies=TRAINER_STRATEGIES),
+           strategies=TRAINER_STRATEGIES, shape=Shape(loss="fused", reference=True)),
     Method(name="kto", summary="KTO on desirable/undesirable replies (from pairs, or rows with a boolean label)",
            params=KTOParams, record_types=("preference", "chat", "instruction"), train=train_kto,
-           encode=encode_unpaired, check=all_checks(PADDED, kto_problems), strategies=TRAINER_STRATEGIES),
+           encode=encode_unpaired, check=all_checks(PADDED, kto_problems), strategies=TRAINER_STRATEGIES,
+           shape=Shape(loss="fused", sequences=2, reference=True)),
     Method(name="orpo", summary="ORPO: SFT on the chosen reply plus an odds-ratio preference term, no reference",
            params=ORPOParams, record_types=("preference",), train=train_orpo, encode=encode_pairs, check=PADDED,
-           strategies=TRAINER_STRATEGIES),
+           strategies=TRAINER_STRATEGIES, shape=Shape(loss="fused")),
 )

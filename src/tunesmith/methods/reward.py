@@ -24,7 +24,7 @@ from pydantic import Field
 from tunesmith.data.format import Encoded, encode_chat, preference_pair
 from tunesmith.errors import DataError
 from tunesmith.methods.adapters import AdapterParamsMixin
-from tunesmith.methods.base import TRAINER_STRATEGIES, Method, TrainOutcome, padded_batches
+from tunesmith.methods.base import TRAINER_STRATEGIES, Method, Shape, TrainOutcome, padded_batches
 from tunesmith.schema import MethodParams, PathKey
 
 TASK = "seq-cls"
@@ -340,4 +340,5 @@ METHOD = Method(
     export=export,
     scores_replies=True,
     strategies=TRAINER_STRATEGIES,
+    shape=Shape(task="seq-cls", loss="head"),
 )
