@@ -119,9 +119,13 @@ def run(name: str, task: dict, trials: int, seed: int) -> int:
                                                           for s in ("complete", "pruned", "failed")},
               "best_trial": best["number"], "best_params": best["params"], "best_value": best["value"],
               "search_seconds": summary["search_seconds"], "total_seconds": round(total, 1), "final": final,
+              "trial_seconds": [t["seconds"] for t in summary["trials"]],
+              "trial_seconds_sum": round(sum(t["seconds"] or 0 for t in summary["trials"]), 1),
               "importances": summary["importances"]}
     (work / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     d, b, r = final.get("difference", {}), final.get("best", {}), final.get("recipe", {})
+    print(f"trial seconds: {result['trial_seconds']} (sum {result['trial_seconds_sum']} s; this session's search "
+          f"wall {summary['search_seconds']} s — a resumed study counts only the resumed part)")
     print("\n| task | trials (complete/pruned) | search wall | best trial (carved split) | winner on validation | "
           "recipe as written | difference [95% CI] | total wall |")
     print(f"| {name} | {result['trials']} ({result['states']['complete']}/{result['states']['pruned']}) | "

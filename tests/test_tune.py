@@ -143,12 +143,15 @@ def test_killed_search_resumes_with_the_same_number_of_trials(folder):
     try:
         while time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
+            if not (db.parent / "logs" / "trial-000.log").exists():  # the study is made (reading it while the worker
+                continue  # creates its tables could break that)
             try:
-                trials = _trials(db) if db.exists() else []
+                trials = _trials(db)
             except Exception:  # noqa: BLE001 - the study is still being created
                 continue
             states = [t.state for t in trials]
-            if states.count(optuna.trial.TrialState.COMPLETE) >= 1 and states[-1:] == [optuna.trial.TrialState.RUNNING]:
+            if states.count(optuna.trial.TrialState.COMPLETE) >= 1 and states[-1:] == [optuna.trial.TrialState.RUNNING] \
+                    and trials[-1].params:  # training, its values chosen
                 break
     finally:
         proc.send_signal(signal.SIGKILL)

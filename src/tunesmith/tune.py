@@ -219,7 +219,8 @@ def pruning_callback(trial, eval_key: str, enabled: bool):
                 self.pruned_at, control.should_training_stop = state.global_step, True
                 return
             trial.report(float(value), state.global_step)
-            if enabled and trial.should_prune():
+            last = bool(state.max_steps) and state.global_step >= state.max_steps  # nothing left to save by stopping
+            if enabled and not last and trial.should_prune():
                 self.pruned_at, control.should_training_stop = state.global_step, True
 
     return Prune()
@@ -374,6 +375,10 @@ def run_tune(options: TuneOptions, echo: Callable[[str], None] = print) -> dict[
          f"{'lowest' if plan.direction == 'min' else 'highest'} {options.metric} on a split carved from "
          f"data.train · sampler {options.sampler} (seed {options.seed}) · pruner "
          f"{options.pruner if plan.prunable is None else 'none'} · study {plan.storage}")
+    for p in plan.space.params:
+        if p.when_added:
+            echo(f"{p.key}: asked only when method.adapter is {' or '.join(p.when['method.adapter'])} (the other "
+                 f"adapters don't read method.{p.key.split('.')[1]})")
     t0 = time.time()
     run_trials(plan, study, echo)
     summary = study_summary(study, plan, search_seconds=time.time() - t0)

@@ -195,9 +195,13 @@ def parse_space(raw: Any, recipe: Recipe, source: str = "space") -> Space:
     problems += unread
     flagged = {p.key for p in params if any(line.startswith(f"`{p.key}`") for line in unread)}
     problems += _recipe_problems(params, recipe, flagged)
+    ordered = _ordered(params)
+    if ordered is None:
+        problems.append("the conditions (`when`) go round in a circle: each key can only depend on keys that don't "
+                        "depend on it")
     if problems:
         raise RecipeError(source, list(dict.fromkeys(problems)))
-    return Space(_ordered(params), source)
+    return Space(ordered, source)
 
 
 def _param(key: str, spec: Any) -> tuple[Param | None, list[str]]:
@@ -344,14 +348,15 @@ def _recipe_problems(params: list[Param], recipe: Recipe, flagged: set[str]) -> 
     return problems
 
 
-def _ordered(params: list[Param]) -> list[Param]:
-    """Conditions first: a key comes after every key its condition reads."""
+def _ordered(params: list[Param]) -> list[Param] | None:
+    """Conditions first: a key comes after every key its condition reads; None when the conditions form a cycle."""
     done: list[Param] = []
     pending = list(params)
     while pending:
         ready = [p for p in pending if all(k in {d.key for d in done} for k in p.when)]
-        if not ready:  # a cycle; reported by _when_problems as unknown keys otherwise — keep the written order
-            return done + pending
+        if not ready:
+            names = {p.key for p in params}
+            return None if all(k in names for p in pending for k in p.when) else done + pending
         done += ready
         pending = [p for p in pending if p not in ready]
     return done

@@ -158,10 +158,11 @@ def reclaim_killed(study, folder: Path, echo: Callable[[str], None]) -> None:
         run = folder / trial_folder(t.number)
         if run.exists() and artifacts.is_run_folder(run):
             os.replace(run, run.with_name(run.name + ".killed"))
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        if t.params:  # killed after its values were chosen: try them again
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
         echo(f"trial {t.number}: its worker (pid {pid}) was killed; marked failed"
              + (f", folder renamed {run.name}.killed" if run.with_name(run.name + ".killed").exists() else "")
-             + "; its values are queued again")
+             + ("; its values are queued again" if t.params else ""))
 
 
 def alive(pid: int) -> bool:
