@@ -150,8 +150,8 @@ def test_killed_search_resumes_with_the_same_number_of_trials(folder):
             except Exception:  # noqa: BLE001 - the study is still being created
                 continue
             states = [t.state for t in trials]
-            if states.count(optuna.trial.TrialState.COMPLETE) >= 1 and states[-1:] == [optuna.trial.TrialState.RUNNING] \
-                    and trials[-1].params:  # training, its values chosen
+            running = states[-1:] == [optuna.trial.TrialState.RUNNING] and trials[-1].params  # values chosen
+            if states.count(optuna.trial.TrialState.COMPLETE) >= 1 and running:
                 break
     finally:
         proc.send_signal(signal.SIGKILL)

@@ -354,7 +354,8 @@ def trial_line(plan: TunePlan, t, target: int) -> str:
                                                                      else "")
     elif state == "fail":
         value = f"failed: {t.user_attrs.get('error', '?')}"
-    return f"trial {t.number:>3} ({len(t.params)} values: {values}) — {value} · {t.user_attrs.get('seconds', 0):.0f} s"
+    seconds = t.user_attrs.get("seconds") or 0
+    return f"trial {t.number:>3} ({len(t.params)} values: {values}) — {value} · {seconds:.0f} s"
 
 
 def _short(value: Any) -> str:
