@@ -48,8 +48,8 @@ def register(sub, common: argparse.ArgumentParser, recipe_args: argparse.Argumen
                    "work on one study: run the same command with --resume on each")
     p.add_argument("--resume", action="store_true", help="continue a killed search without repeating finished "
                    "trials, or join a running one as another worker")
-    p.add_argument("--seeds", dest="final_seeds", type=positive_int, default=1, help="retrain the winner and the "
-                   "recipe as written with this many seeds each for the final comparison (default 1)")
+    p.add_argument("--seeds", dest="final_seeds", type=positive_int, default=1, metavar="K", help="retrain the "
+                   "winner and the recipe as written with K seeds each for the final comparison (default 1)")
     p.add_argument("--data", type=path, default=None, help="the file the final comparison scores (default the "
                    "recipe's data.validation, which the search never sees)")
     p.add_argument("--enqueue", action="append", default=[], metavar="KEY=VALUE,…",
