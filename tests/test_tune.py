@@ -90,6 +90,7 @@ def test_seeded_search_repeats_its_trials(folder):
         assert recipe["data"]["validation"] is None  # the search never reads the validation file
         if t["state"] == "complete":
             assert manifest["losses"]["validation_after"] == pytest.approx(t["value"])
+            assert 0 < t["cpu_seconds"] and 0 < manifest["timings"]["total_seconds"] <= t["seconds"]
     # the page: one dot per finished trial in the history and in each parameter's chart
     page = (folder / "runs" / "seeded-a-tune" / "report.html").read_text()
     assert page.count("data-state=") == 3 * (1 + 2)

@@ -282,7 +282,7 @@ def objective(plan: TunePlan, trial, target: int) -> float:
     trial.set_user_attr("run", str(folder))
     recipe = trial_recipe(plan, values, folder)
     callback = pruning_callback(trial, plan.eval_key, plan.prunable is None)
-    started = time.time()
+    started, cpu = time.time(), time.process_time()
     try:
         with logged(plan.folder / "logs" / f"{folder.name}.log") as echo:
             manifest = train_run(recipe, callbacks=[callback], echo=echo)
@@ -294,6 +294,7 @@ def objective(plan: TunePlan, trial, target: int) -> float:
         _note(folder, {"trial": trial.number, "state": "failed", "values": values, "error": str(exc)})
         raise
     trial.set_user_attr("seconds", round(time.time() - started, 1))
+    trial.set_user_attr("cpu_seconds", round(time.process_time() - cpu, 1))  # all threads: the CPU budget it used
     trial.set_user_attr("steps", manifest["training"]["steps"])
     if callback.pruned_at is not None:
         return _pruned(trial, folder, callback.pruned_at, recipe)

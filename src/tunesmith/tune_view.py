@@ -26,7 +26,8 @@ def study_summary(study, plan, search_seconds: float) -> dict[str, Any]:
         trials.append({"number": t.number, "state": STATES.get(t.state.name, t.state.name.lower()),
                        "params": dict(t.params), "value": t.value,
                        "intermediate": {int(k): v for k, v in t.intermediate_values.items()},
-                       "seconds": t.user_attrs.get("seconds"), "steps": t.user_attrs.get("steps"),
+                       "seconds": t.user_attrs.get("seconds"), "cpu_seconds": t.user_attrs.get("cpu_seconds"),
+                       "steps": t.user_attrs.get("steps"),
                        "pruned_at": t.user_attrs.get("pruned_at"), "error": t.user_attrs.get("error"),
                        "run": t.user_attrs.get("run"), "killed": t.user_attrs.get("killed", False)})
     complete = [t for t in trials if t["state"] == "complete" and t["value"] is not None]
