@@ -62,7 +62,7 @@ def test_unknown_key_with_nothing_close_has_no_suggestion(tmp_path):
 def test_unknown_top_level_section_suggests_the_closest_section(tmp_path):
     path = write_recipe(tmp_path, recipe_with(trian={"epochs": 2}))
     assert problems_of(path) == [
-        "`trian`: unknown key (given {'epochs': 2}); allowed here: model, data, train, eval, output, method; "
+        "`trian`: unknown key (given {'epochs': 2}); allowed here: model, data, train, eval, output, distributed, method; "
         "did you mean `train`?"]
 
 
@@ -335,7 +335,7 @@ output:
     problems = problems_of(path, ["train.seed", "eval.lose_rows=3"])
     expected = [
         "override 'train.seed': write it as section.key=value, e.g. train.learning_rate=1e-4",
-        "`modle`: unknown key (given {'name': 'default'}); allowed here: model, data, train, eval, output, method; "
+        "`modle`: unknown key (given {'name': 'default'}); allowed here: model, data, train, eval, output, distributed, method; "
         "did you mean `model`?",
         f"`train.learnig_rate`: unknown key (given 0.0001); allowed here: {TRAIN_FIELDS}; "
         "did you mean `train.learning_rate`?",
@@ -517,7 +517,7 @@ def test_resolved_recipe_round_trips_through_yaml(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, raw), ["train.seed=7"])
     text = recipe.to_yaml()
     loaded = yaml.safe_load(text)
-    assert list(loaded) == ["model", "data", "method", "train", "eval", "output"]
+    assert list(loaded) == ["model", "data", "method", "train", "eval", "output", "distributed"]
     assert loaded["train"]["seed"] == 7 and loaded["train"]["log_every"] == 10
     again = parse_recipe(loaded, "round-trip")
     assert isinstance(again, Recipe)
@@ -543,7 +543,7 @@ def test_starter_recipe_shows_every_key_with_its_schema_default():
     """Every key of every section is written with the schema's default, except the two set on purpose; the method
     section is the default method's with only its adapter's settings section."""
     starter = yaml.safe_load(starter_recipe())
-    assert list(starter) == ["model", "data", "method", "train", "eval", "output"]
+    assert list(starter) == ["model", "data", "method", "train", "eval", "output", "distributed"]
     for section, cls in SECTIONS.items():
         assert list(starter[section]) == list(cls.model_fields), section
         expected = cls.model_validate(STARTER_VALUES.get(section, {}))
