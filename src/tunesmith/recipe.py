@@ -247,16 +247,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), check_files: bool =
     path = Path(path)
     if not path.is_file():
         raise RecipeError(str(path), [f"recipe file not found: {path} (create one with `tunesmith init {path}`)"])
-    try:
-        raw, problems = read_yaml(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(str(path), [f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
-    except UnicodeDecodeError as exc:
-        raise RecipeError(str(path), [f"not UTF-8 text: {exc}"]) from None
-    except RecursionError:
-        raise RecipeError(str(path), ["not a recipe: its YAML is nested too deeply to read"]) from None
+    raw, problems = read_yaml_file(path)
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise RecipeError(str(path), [f"the top level must be a mapping of sections, got {type(raw).__name__}"])
@@ -277,6 +268,21 @@ class RecipeLoader(yaml.SafeLoader):
 RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float",
                                    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
                                    list("-+0123456789"))
+
+
+def read_yaml_file(path: Path, what: str = "recipe") -> tuple[Any, list[str]]:
+    """A YAML file's value and the keys it gives twice (as problems); a RecipeError naming the file, and the line, for
+    text that is not YAML, not UTF-8, or nested too deeply to read."""
+    try:
+        return read_yaml(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(str(path), [f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(str(path), [f"not UTF-8 text: {exc}"]) from None
+    except RecursionError:
+        raise RecipeError(str(path), [f"not a {what}: its YAML is nested too deeply to read"]) from None
 
 
 def read_yaml(text: str) -> tuple[Any, list[str]]:

@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tunesmith.errors import RecipeError
-from tunesmith.recipe import Recipe, RecipeLoader, apply_overrides, parse_recipe
+from tunesmith.recipe import Recipe, apply_overrides, parse_recipe, read_yaml_file
 from tunesmith.schema import shown
 
 KINDS = ("choice", "uniform", "log_uniform", "int", "log_int")
@@ -164,14 +162,9 @@ def load_space(path: str | Path, recipe: Recipe) -> Space:
     if not path.is_file():
         raise RecipeError(str(path), [f"space file not found: {path} (write one: dotted recipe keys, e.g. "
                                       "`train.learning_rate: {log_uniform: [1.0e-5, 5.0e-4]}`)"])
-    try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(str(path), [f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
-    except UnicodeDecodeError as exc:
-        raise RecipeError(str(path), [f"not UTF-8 text: {exc}"]) from None
+    raw, twice = read_yaml_file(path, "space file")
+    if twice:
+        raise RecipeError(str(path), twice)
     return parse_space(raw, recipe, str(path))
 
 
