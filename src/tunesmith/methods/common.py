@@ -360,13 +360,17 @@ def trained_token_loss(model, inputs: dict[str, Any], num_items_in_batch=None, r
     """Mean cross-entropy over the labelled tokens, computing vocabulary logits only where a label exists.
 
     Most of a chat is prompt, and the vocabulary projection (49k wide for SmolLM2) dominates memory; projecting
-    only the positions that are trained on makes a step cheaper without changing the loss.
+    only the tokens that are trained on, a chunk at a time (methods/head_loss.py), makes a step cheaper without
+    changing the loss. A head that is not a plain linear layer (see head_loss.plain_head) gets the model's own
+    projection at the positions where any row has a label.
     `num_items_in_batch`: the labelled tokens of the whole step (over accumulation and ranks; `ranks`: see
-    token_ranks). Returns (loss, logits of the kept positions, number of labelled tokens, number of correct top-1
-    tokens).
+    token_ranks). Returns (loss, logits of the kept positions — None on the chunked path, where none are kept —,
+    number of labelled tokens, number of correct top-1 tokens).
     """
     import torch
     import torch.nn.functional as F
+
+    from tunesmith.methods.head_loss import chunked_head_loss, head_set_aside, plain_head
 
     labels = inputs["labels"]
     shifted = labels[:, 1:]
@@ -375,22 +379,32 @@ def trained_token_loss(model, inputs: dict[str, Any], num_items_in_batch=None, r
     model_inputs["use_cache"] = False
     if keep.numel() == 0:
         keep = torch.zeros(1, dtype=torch.long, device=labels.device)
-    logits = model(**model_inputs, logits_to_keep=keep).logits
     targets = shifted[:, keep]
-    count = (targets != -100).sum()
-    per_token = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                ignore_index=-100, reduction="none").view_as(targets)
     weights = inputs.get("weights")
     if weights is not None:  # class weights: each row's tokens count `weight` times (see data/balance.py)
-        w = weights[:, 1:][:, keep] if weights.dim() == 2 else weights.unsqueeze(1)
-        per_token = per_token * w.to(device=per_token.device, dtype=per_token.dtype)
-    total = per_token.sum()
+        weights = weights[:, 1:][:, keep] if weights.dim() == 2 else weights.unsqueeze(1).expand_as(targets)
+    head = plain_head(model)
+    if head is not None:  # the head only at labelled tokens, chunked (methods/head_loss.py)
+        with head_set_aside(head):
+            hidden = model(**model_inputs, logits_to_keep=keep).logits
+        labelled = targets != -100
+        result = chunked_head_loss(hidden[labelled], head.weight, targets[labelled],
+                                   None if weights is None else weights[labelled])
+        total, count, correct, logits = result.total, result.count, result.correct, None
+    else:
+        logits = model(**model_inputs, logits_to_keep=keep).logits
+        count = (targets != -100).sum()
+        per_token = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                    ignore_index=-100, reduction="none").view_as(targets)
+        if weights is not None:
+            per_token = per_token * weights.to(device=per_token.device, dtype=per_token.dtype)
+        total = per_token.sum()
+        with torch.no_grad():
+            correct = ((logits.argmax(-1) == targets) & (targets != -100)).sum()
     denominator = num_items_in_batch if num_items_in_batch is not None else count
     loss = total / torch.as_tensor(denominator, device=total.device).clamp(min=1)
     if num_items_in_batch is not None and ranks > 1:  # a count over every rank (see token_ranks)
         loss = loss * ranks
-    with torch.no_grad():
-        correct = ((logits.argmax(-1) == targets) & (targets != -100)).sum()
     return loss, logits, count, correct
 
 
