@@ -96,7 +96,7 @@ RECIPE_CASES: list[Case] = [
     recipe_case("nan-override", "", "`train.warmup_ratio`: nan is not a finite number",
                 overrides=("train.warmup_ratio=.nan",)),
     recipe_case("batch-size-true", "train:\n  batch_size: true\n", "`train.batch_size`: true is not a whole number"),
-    recipe_case("padding-free-number", "train:\n  padding_free: 1\n", "`train.padding_free`: 1 is not true or false"),
+    recipe_case("padding-free-number", "train:\n  padding_free: 1\n", "`train.padding_free`: 1 is not true, false or auto"),
     recipe_case("seed-negative", "train:\n  seed: -1\n", "`train.seed`: -1 is out of range", ">= 0"),
     recipe_case("seed-too-big", "train:\n  seed: 4294967296\n", "`train.seed`", "< 4294967296"),
     recipe_case("max-seq-len-huge", "train:\n  max_seq_len: 100000000000000000000\n", "`train.max_seq_len`",

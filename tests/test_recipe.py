@@ -70,7 +70,7 @@ def test_unknown_top_level_section_suggests_the_closest_section(tmp_path):
     ("batch_size", "eight", "'eight' is not a whole number"),
     ("batch_size", 2.5, "2.5 is not a whole number"),
     ("learning_rate", "fast", "'fast' is not a number"),
-    ("padding_free", "maybe", "'maybe' is not true or false"),
+    ("padding_free", "maybe", "'maybe' is not true, false or auto"),
 ])
 def test_wrong_type_names_the_value_and_the_expected_type(tmp_path, key, value, words):
     path = write_recipe(tmp_path, recipe_with(train={key: value}))
@@ -667,7 +667,7 @@ NO_USER = "~no-such-user-tunesmith"
     ("method: {name: ensemble, members: [a, b], weights: [1, .nan]}", "`method.weights[1]`: nan is not a finite number"),
     ("train: {batch_size: true}", "`train.batch_size`: true is not a whole number"),
     ("train: {learning_rate: false}", "`train.learning_rate`: false is not a number"),
-    ("train: {padding_free: 1}", "`train.padding_free`: 1 is not true or false"),
+    ("train: {padding_free: 1}", "`train.padding_free`: 1 is not true, false or auto"),
     ("train: {max_steps: '10'}", "`train.max_steps`: '10' is not a whole number"),
     ("train: {seed: -1}", "`train.seed`: -1 is out of range — it must be >= 0"),
     ("train: {seed: 4294967296}", "`train.seed`: 4294967296 is out of range — it must be < 4294967296"),

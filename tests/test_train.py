@@ -365,7 +365,8 @@ def test_group_by_length_reaches_the_sft_trainer(tmp_path, tiny_model_dir):
     rows = [{"messages": [{"role": "user", "content": "count " + " ".join(str(j) for j in range((7 * i) % 23))},
                           {"role": "assistant", "content": f"done {i}"}]} for i in range(120)]
     padding = {grouped: epoch_padding(make_recipe(
-        tmp_path, tiny_model_dir, rows, name=f"grouped-{grouped}", group_by_length=grouped, max_steps=1,
+        tmp_path, tiny_model_dir, rows, name=f"grouped-{grouped}", group_by_length=grouped, padding_free=False,
+        max_steps=1,
         max_seq_len=128, eval={"loss_before": False}, data={"check": {"enabled": False}})) for grouped in (False, True)}
     assert padding[True] < padding[False] / 3
 

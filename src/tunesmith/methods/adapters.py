@@ -181,10 +181,18 @@ def adapter_settings(params) -> Strict | None:
 def adapter_problems(params, train) -> list[str]:
     """Combinations of adapter and `train` settings that can't work, in recipe wording (before any loading)."""
     out = []
-    if params.adapter in ("prefix", "prompt") and train.padding_free:
+    if params.adapter in ("prefix", "prompt") and train.padding_free is True:
         out.append(f"`train.padding_free`: true can't train `method.adapter: {params.adapter}` — concatenated rows "
                    "would share its virtual tokens; set train.padding_free=false")
     return out
+
+
+def packs_rows(params, train) -> bool:
+    """Whether a method that can lay rows end to end (sft) does: `train.padding_free`, with `auto` on unless the
+    adapter's virtual tokens would be shared by the rows (prefix, prompt)."""
+    if train.padding_free == "auto":
+        return params.adapter not in ("prefix", "prompt")
+    return train.padding_free
 
 
 # ----------------------------------------------------------------------------------------------- the model
@@ -200,13 +208,18 @@ def load_base_for(adapter: str, params, source: ModelSource, task: str = "causal
                   dtype=None, **model_kwargs):
     """The base model the adapter trains on: quantized to 4 bits for `qlora`, else as model.load_model loads it.
 
-    `task` is 'causal-lm' or 'seq-cls' (a classification head with `num_labels` outputs).
+    `task` is 'causal-lm' or 'seq-cls' (a classification head with `num_labels` outputs). Its attention is
+    methods/attention.py's (SDPA but where a CPU runs it faster, and packed rows one sequence at a time).
     """
-    if adapter == "qlora":
-        return _load_quantized(params.qlora, source, task, num_labels, dtype, **model_kwargs)
+    from tunesmith.methods.attention import use_for_training
     from tunesmith.model import load_model
 
-    return load_model(source, dtype, task, num_labels, **model_kwargs)
+    if adapter == "qlora":
+        model = _load_quantized(params.qlora, source, task, num_labels, dtype, **model_kwargs)
+    else:
+        model = load_model(source, dtype, task, num_labels, **model_kwargs)
+    use_for_training(model)
+    return model
 
 
 def _load_quantized(q: QLoraParams, source: ModelSource, task: str, num_labels: int | None, dtype, **kwargs):

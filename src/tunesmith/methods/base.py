@@ -87,7 +87,7 @@ def refuses(setting: str, why: str) -> Callable[..., list[str]]:
     """A `check` refusing a true `train.<setting>` for a method that can't honour it, saying why."""
 
     def check(method, train, data) -> list[str]:
-        if not getattr(train, setting):
+        if getattr(train, setting) is not True:  # false, or `auto` (which is off where the method can't honour it)
             return []
         return [f"`train.{setting}`: true can't train `method: {method.name}` — {why}; set train.{setting}=false"]
 

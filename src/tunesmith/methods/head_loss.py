@@ -58,17 +58,19 @@ def _head_loss_function():
                     t = targets[start:start + rows]
                     logits = (h @ w.T).float()
                     picked = logits.gather(1, t.unsqueeze(1)).squeeze(1)
-                    correct += (logits.argmax(-1) == t).sum()
-                    lse = torch.logsumexp(logits, dim=-1)
-                    per_token = lse - picked
+                    top, best = logits.max(dim=-1)
+                    correct += (best == t).sum()
+                    probs = logits.sub_(top.unsqueeze(1)).exp_()  # one exp pass, in the logits' own storage
+                    sums = probs.sum(dim=-1)
+                    per_token = top + sums.log() - picked  # log-sum-exp minus the target's logit
                     tw = None if token_weights is None else token_weights[start:start + rows].float()
                     total += (per_token if tw is None else per_token * tw).sum()
                     if not (need_h or need_w):
                         continue
-                    grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in the logits' own storage
-                    grad.scatter_add_(1, t.unsqueeze(1), torch.full_like(picked, -1.0).unsqueeze(1))
-                    if tw is not None:
-                        grad.mul_(tw.unsqueeze(1))
+                    scale = sums.reciprocal_() if tw is None else tw / sums
+                    grad = probs.mul_(scale.unsqueeze(1))  # softmax (times the token's weight) ...
+                    minus = torch.full_like(picked, -1.0) if tw is None else -tw
+                    grad.scatter_add_(1, t.unsqueeze(1), minus.unsqueeze(1))  # ... minus its one-hot target
                     grad = grad.to(compute_dtype)
                     if need_h:
                         grad_h[start:start + rows] = (grad @ w).to(hidden.dtype)

@@ -26,13 +26,13 @@ def train(job) -> TrainOutcome:
     """Train with SFT and save `adapter/` (peft or bottleneck adapters) or `model/` (freeze, full) into the run."""
     from trl import SFTConfig
 
-    from tunesmith.methods.adapters import trainable_weights_in_fp32
+    from tunesmith.methods.adapters import packs_rows, trainable_weights_in_fp32
     from tunesmith.methods.common import (MetricsCallback, WeightedCollator, run_trainer, to_dataset,
                                           trainer_arguments, watch_callbacks)
 
     params: SFTParams = job.recipe.method
     model = build_model(job, params)
-    config = SFTConfig(**trainer_arguments(job), max_length=None, padding_free=job.recipe.train.padding_free,
+    config = SFTConfig(**trainer_arguments(job), max_length=None, padding_free=packs_rows(params, job.recipe.train),
                        dataset_kwargs={"skip_prepare_dataset": True}, packing=False)
     callbacks = [MetricsCallback(job.run.metrics), *job.callbacks, *watch_callbacks(job)]
     trainer = _trainer_class()(model=model, args=config, train_dataset=to_dataset(job.train_rows),
