@@ -157,8 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", parents=[common], help="write a standalone model folder")
     p.add_argument("run", type=path, help="run folder written by `tunesmith train`")
-    p.add_argument("--merge", action="store_true", required=True, help="merge the adapter into the base weights")
-    p.add_argument("--out", type=path, default=None, help="output folder (default RUN/merged)")
+    p.add_argument("--format", choices=("merged", "gguf", "ollama"), default=None,
+                   help="merged: a Hugging Face folder, the adapter merged in; gguf: one GGUF file for llama.cpp / "
+                   "LM Studio (Llama-architecture models); ollama: the GGUF plus a Modelfile")
+    p.add_argument("--merge", action="store_true", help="the same as --format merged")
+    p.add_argument("--dtype", choices=("f32", "f16", "q8_0"), default=None,
+                   help="GGUF weights: f32, f16 (default) or q8_0 (8-bit blocks); not for --format merged")
+    p.add_argument("--out", type=path, default=None, help="output folder (default RUN/merged, RUN/gguf or RUN/ollama)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is a folder tunesmith exported")
 
     p = sub.add_parser("retrain", parents=[common], help="the run's recipe on its rows plus new ones (from `data "
@@ -529,21 +534,58 @@ def cmd_review(args) -> int:
 
 def cmd_export(args) -> int:
     _quiet_libraries()
-    from tunesmith.generate import export_merged
-    from tunesmith.serve.parity import export_parity, require
+    fmt = _export_format(args)
+    if fmt != "merged":
+        from tunesmith.export_gguf import export_gguf
+
+        out, report = export_gguf(args.run, args.out or Path(args.run) / fmt, fmt, args.dtype or "f16",
+                                  overwrite=args.overwrite)
+        size = report["size_bytes"] / 1e6
+        extra = (f"; load it into Ollama with `ollama create NAME -f {out / 'Modelfile'}`" if fmt == "ollama" else
+                 f"; run it with `llama-cli -m {out / 'model.gguf'}` or open it in LM Studio")
+        print(f"wrote {out / 'model.gguf'} ({args.dtype or 'f16'}, {size:.1f} MB) and {out / 'parity.json'}{extra}")
+        return 0
+    from tunesmith.artifacts import write_json
+    from tunesmith.generate import EXPORT_MARKER, export_merged
+    from tunesmith.serve.parity import export_report
+
+    out_arg = args.out or Path(args.run) / "merged"
 
     def parity(folder: Path) -> None:  # the merged folder answers the run's validation prompts as the run does
-        result = export_parity(args.run, folder)
-        require(result)  # the differences, as the error
-        print(result.describe())
+        from tunesmith.errors import RunError
+        from tunesmith.export_gguf import keep_failed
 
-    out = export_merged(args.run, args.out or Path(args.run) / "merged", overwrite=args.overwrite, verify=parity)
+        report = export_report(args.run, folder, "merged", "f32")
+        report.pop("check_seconds", None)
+        write_json(folder / "parity.json", report)
+        if not report["ok"]:
+            write_json(folder / EXPORT_MARKER, {"tunesmith_export": 1, "format": "merged", "failed": True})
+            kept = keep_failed(folder, Path(out_arg).expanduser())
+            raise RunError(f"the merged export does not answer like the run, kept in {kept} (parity.json there): "
+                           + "; ".join(report["failures"]), "see its parity.json")
+
+    out = export_merged(args.run, out_arg, overwrite=args.overwrite, verify=parity)
     if (out / "tunesmith_classifier.json").exists():
         print(f"wrote merged classifier to {out} (load it with AutoModelForSequenceClassification.from_pretrained; "
               f"{out / 'README.md'} says how to put texts to it)")
     else:
         print(f"wrote merged model to {out} (load it with AutoModelForCausalLM.from_pretrained)")
     return 0
+
+
+def _export_format(args) -> str:
+    """--format, with --merge as its old spelling; a TunesmithError for a missing or contradictory choice."""
+    if args.merge and args.format not in (None, "merged"):
+        raise TunesmithError(f"--merge and --format {args.format}: --merge means --format merged",
+                             "give one of them")
+    fmt = "merged" if args.merge else args.format
+    if fmt is None:
+        raise TunesmithError("export: say what to write with --format merged|gguf|ollama (or --merge)",
+                             f"e.g. tunesmith export {args.run} --format gguf --dtype q8_0")
+    if fmt == "merged" and args.dtype is not None:
+        raise TunesmithError(f"--dtype {args.dtype}: only for --format gguf or ollama (a merged folder keeps the "
+                             "run's own precision)", "drop --dtype, or add --format gguf")
+    return fmt
 
 
 def cmd_retrain(args) -> int:
