@@ -148,6 +148,15 @@ def placeholder_run(tmp: Path, name: str = "run") -> str:
     return str(run)
 
 
+def gguf_run(tmp: Path, config: dict, **manifest) -> str:
+    """placeholder_run with a readable base config.json (`config`) and `manifest` keys changed."""
+    run = Path(placeholder_run(tmp))
+    (tmp / "base" / "config.json").write_text(json.dumps(config))
+    data = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**data, **manifest}))
+    return str(run)
+
+
 HELD: list = []  # sockets kept listening while a case runs
 
 
@@ -272,6 +281,28 @@ CLI_CASES: list[Case] = [
                 ("--out", "not a folder tunesmith exported (no tunesmith_export.json)"), "--overwrite"),
     export_case("export-out-exists", lambda t: str(made(t, "mine/notes.txt") / "mine"), ("--out", "already exists")),
     export_case("export-out-is-a-file", lambda t: str(made(t, "model.bin") / "model.bin"), ("--out", "is a file")),
+    Case("export-format-unknown", lambda t: ["export", placeholder_run(t), "--format", "onnx", "--out", str(t / "o")],
+         ("--format", "invalid choice: 'onnx'")),
+    Case("export-dtype-unknown", lambda t: ["export", placeholder_run(t), "--format", "gguf", "--dtype", "q4_k",
+                                            "--out", str(t / "o")], ("--dtype", "invalid choice: 'q4_k'")),
+    export_case("export-dtype-with-merged", lambda t: str(t / "o"), ("--dtype f16: only for --format gguf or ollama",),
+                "--dtype", "f16"),
+    Case("export-merge-and-gguf", lambda t: ["export", placeholder_run(t), "--merge", "--format", "gguf", "--out",
+                                             str(t / "o")], ("--merge and --format gguf",)),
+    Case("export-no-format", lambda t: ["export", placeholder_run(t), "--out", str(t / "o")],
+         ("--format merged|gguf|ollama",)),
+    Case("export-gguf-not-llama", lambda t: ["export", gguf_run(t, {"model_type": "gpt2"}), "--format", "gguf",
+                                             "--out", str(t / "o")],
+         ("config.json", "the model is `gpt2`", "Llama-architecture models only", "--format merged")),
+    Case("export-gguf-base-config-unreadable", lambda t: ["export", placeholder_run(t), "--format", "ollama",
+                                                          "--out", str(t / "o")],
+         ("config.json: can't read the base model's config",)),
+    Case("export-gguf-classifier", lambda t: ["export", gguf_run(t, {"model_type": "llama"}, method="classify"),
+                                              "--format", "gguf", "--out", str(t / "o")],
+         ("`method: classify` made a classifier", "--format gguf writes a causal language model")),
+    Case("export-gguf-qlora", lambda t: ["export", gguf_run(t, {"model_type": "llama"}, adapter="qlora"),
+                                         "--format", "gguf", "--out", str(t / "o")],
+         ("can't merge a `qlora` adapter",)),
     Case("init-folder-with-force", lambda t: ["init", str(made(t, folders=("configs",)) / "configs"), "--force"],
          ("configs: is a folder; `init` writes a recipe file",)),
     Case("init-under-a-file", lambda t: ["init", str(made(t, "notes") / "notes" / "r.yaml")],
