@@ -117,3 +117,25 @@ def test_a_head_that_is_not_a_plain_linear_layer_takes_the_models_own_projection
         loss, logits, _, _ = trained_token_loss(model, {"input_ids": ids, "labels": labels})
         expected, _ = _plain(model, ids, labels)
     assert logits is not None and loss.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_sequence_logprobs_through_the_chunked_head_equal_the_full_logits(tiny_model_dir, monkeypatch):
+    """Evaluation's scoring (perplexity, label scores) gives the same per-row sums on the chunked path, several
+    chunks included, as on the model's own full logits."""
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.evaluation import scoring
+    from tunesmith.methods import head_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    sequences = []
+    for n, cut in ((9, 4), (6, 2), (12, 7)):
+        ids = torch.randint(0, 1000, (n,)).tolist()
+        sequences.append((ids, [-100] * cut + ids[cut:]))
+    monkeypatch.setattr(head_loss, "CHUNK_ELEMENTS", 3 * model.config.vocab_size)
+    chunked = scoring.sequence_logprobs(model, sequences, pad_id=0, batch_size=2)
+    monkeypatch.setattr(head_loss, "plain_head", lambda m: None)
+    plain = scoring.sequence_logprobs(model, sequences, pad_id=0, batch_size=2)
+    assert [n for _, n in chunked] == [n for _, n in plain] == [5, 4, 5]
+    for (a, _), (b, _) in zip(chunked, plain):
+        assert a == pytest.approx(b, abs=1e-4) and a < 0

@@ -19,6 +19,10 @@ def sequence_logprobs(model, sequences: list[tuple[list[int], list[int]]], pad_i
     """For each (input_ids, labels) pair: the summed log-probability of its labelled tokens, and their count."""
     import torch
 
+    from tunesmith.methods.head_loss import head_logprobs, head_set_aside, plain_head
+
+    head = plain_head(model)
+
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
     device = next(model.parameters()).device
@@ -37,10 +41,20 @@ def sequence_logprobs(model, sequences: list[tuple[list[int], list[int]]], pad_i
         keep = (shifted != IGNORE).any(dim=0).nonzero().flatten()
         if keep.numel() == 0:
             keep = torch.zeros(1, dtype=torch.long)
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "logits_to_keep": keep.to(device),
+                  "use_cache": False}
+        targets = shifted[:, keep].to(device)
         with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep.to(device),
-                           use_cache=False).logits.float()
-        for i, scored in zip(idx, _summed(logits, shifted[:, keep].to(device))):
+            if head is not None:  # the vocabulary only at labelled tokens, a chunk at a time (methods/head_loss.py)
+                with head_set_aside(head):
+                    hidden = model(**inputs).logits
+                labelled = targets != IGNORE
+                logp = torch.zeros(targets.shape, dtype=torch.float32, device=device)
+                logp[labelled] = head_logprobs(hidden[labelled], head.weight, targets[labelled])
+                scored_rows = [(s, int(n)) for s, n in zip(logp.sum(-1).tolist(), labelled.sum(-1).tolist())]
+            else:
+                scored_rows = _summed(model(**inputs).logits.float(), targets)
+        for i, scored in zip(idx, scored_rows):
             out[i] = scored
         if progress:
             progress(len(idx))

@@ -106,6 +106,21 @@ def chunked_head_loss(hidden, weight, targets, token_weights=None) -> HeadLoss:
     return HeadLoss(total, count, correct)
 
 
+def head_logprobs(hidden, weight, targets):
+    """log p(target) [n] of each row of `hidden` [n, hidden] under `weight`'s projection, a chunk of logits at a time
+    (scoring: no gradient). The matmul runs in the tensors' dtype, the log-softmax in fp32."""
+    import torch
+
+    out = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+    rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    with torch.no_grad():
+        for start in range(0, targets.shape[0], rows):
+            logits = (hidden[start:start + rows] @ weight.T).float()
+            t = targets[start:start + rows].unsqueeze(1)
+            out[start:start + rows] = (logits.gather(1, t) - torch.logsumexp(logits, dim=-1, keepdim=True)).squeeze(1)
+    return out
+
+
 def _unwrapped(model):
     """The transformers model inside DDP / DeepSpeed / peft wrappers."""
     inner = getattr(model, "module", model)
