@@ -250,16 +250,58 @@ def spawn(name: str, rows: int, steps: int) -> dict:
     return result
 
 
-def table(results: list[dict]) -> str:
+def matmul_peak(dtype_name: str, size: int = 2048, repeats: int = 10) -> float:
+    """This machine's matmul rate in GFLOP/s: a plain torch.matmul loop of two size x size matrices, best of 3."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = min(best, (time.perf_counter() - t) / repeats)
+    return 2 * size**3 / best / 1e9
+
+
+def model_shape() -> dict:
+    """The default model's linear parameters outside the embedding, its width and its vocabulary."""
+    from transformers import AutoConfig
+
+    from tunesmith.model import default_model_dir
+
+    c = AutoConfig.from_pretrained(default_model_dir())
+    h, kv = c.hidden_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    body = c.num_hidden_layers * (2 * h * h + 2 * h * kv + 3 * h * c.intermediate_size)
+    return {"body": body, "hidden": h, "vocab": c.vocab_size}
+
+
+def useful_flops(r: dict, shape: dict) -> float:
+    """The work a LoRA step cannot avoid, whatever the arm: forward and input-gradient matmuls of the frozen body
+    for every real token (4 x body parameters), and of the head for every trained token (4 x vocabulary x width).
+    Padding and the head at untrained positions are not credited; attention scores and the LoRA matmuls are left
+    out (a few per cent here), so the share of peak is slightly understated."""
+    tokens = r["per_epoch_tokens"] * r["epochs"]
+    return 4 * shape["body"] * tokens + 4 * shape["vocab"] * shape["hidden"] * r["trained_tokens"]
+
+
+def table(results: list[dict], peaks: dict[str, float] | None = None, shape: dict | None = None) -> str:
     plain = next((r for r in results if r["arm"] == "plain"), None)
-    head = "| arm | precision | batching | s/step | trained tok/s | peak RSS GB | train loss (last 4) | held-out loss | ratio vs plain (tok/s) |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    head = ("| arm | precision | batching | s/step | trained tok/s | peak RSS GB | train loss (last 4) | held-out loss | "
+            "ratio vs plain (tok/s) | useful GFLOP/s | share of matmul peak |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         tps = r["trained_tokens"] / r["train_seconds"]
         ratio = "—" if plain is None else f"{tps / (plain['trained_tokens'] / plain['train_seconds']):.2f}×"
+        rate = useful_flops(r, shape) / r["train_seconds"] / 1e9 if shape else None
+        peak = (peaks or {}).get(r["precision"])
         lines.append(f"| {r['arm']} | {r['precision']} | {r['batching']} | {r['train_seconds'] / r['steps']:.2f} | "
                      f"{tps:.0f} | {r['peak_rss_gb']:.2f} | {last_losses_mean(r['losses']):.4f} | "
-                     f"{r['heldout_loss']:.4f} | {ratio} |")
+                     f"{r['heldout_loss']:.4f} | {ratio} | {'—' if rate is None else f'{rate:.0f}'} | "
+                     f"{'—' if not (rate and peak) else f'{100 * rate / peak:.0f}%'} |")
     return "\n".join(lines)
 
 
@@ -278,11 +320,14 @@ def main() -> None:
     for a in arms:
         if a not in ARMS + EXTRA_ARMS:
             ap.error(f"unknown arm {a!r}; choose from {', '.join(ARMS + EXTRA_ARMS)}")
+    peaks = {p: matmul_peak(p) for p in ("fp32", "bf16")}  # before the arms, on the same machine, same invocation
     results = [spawn(a, args.rows, args.steps) for a in arms]
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     print(f"\nrows={args.rows} steps={args.steps} batch={BATCH} git={sha.strip() or '?'} (load average at end: "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())})\n")
-    print(table(results))
+    print(f"matmul peak (2048 x 2048 torch.matmul, best of 3): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 "
+          f"{peaks['bf16']:.0f} GFLOP/s\n")
+    print(table(results, peaks, model_shape()))
     print()
     for r in results:
         print(f"{r['arm']}: trained tokens {r['trained_tokens']} ({r['per_epoch_trained_tokens']}/epoch of "

@@ -69,7 +69,7 @@ def train_run(recipe: Recipe, resume: bool = False, callbacks: list | None = Non
     precision = pick_precision(recipe.train.precision)
     echo(method.models_line(recipe.method) if method.models_line else
          f"model: {source.describe()} · method: {method.name} ({getattr(recipe.method, 'adapter', '-')}) · "
-         f"precision: {precision}" + (" (auto)" if recipe.train.precision == "auto" else ""))
+         f"precision: {precision}" + (" (auto)" if recipe.train.precision == "auto" else "") + f" · {_threads()}")
     job = Job(recipe=recipe, run=run, source=source, tokenizer=tokenizer, train_rows=encoded.train,
               validation_rows=encoded.validation, loss_rows=loss_rows, precision=precision, resume=resume,
               callbacks=list(callbacks or []))
@@ -414,3 +414,13 @@ def train_summary(manifest: dict[str, Any], run: RunDir) -> str:
         rows.extend(method.summary_rows(losses))
     width = max(len(k) for k, _ in rows)
     return "\n".join(["", "summary"] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+def _threads() -> str:
+    """The compute threads of this process against the cores it may run on (torchrun shares the cores out)."""
+    import os
+
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{torch.get_num_threads()} threads on {cores} cores"
