@@ -34,7 +34,7 @@ def run_logits(loaded, ids):
         return loaded.model(input_ids=torch.tensor([ids])).logits[0]
 
 
-@pytest.mark.parametrize("dtype,atol", [("f32", 1e-4), ("f16", 0.25), ("q8_0", 1.5)])
+@pytest.mark.parametrize("dtype,atol", [("f32", 1e-4), ("f16", 0.25), ("q8_0", 3.0)])
 def test_gguf_reads_back_with_the_runs_logits(run, tmp_path, dtype, atol, capsys):
     from tunesmith.generate import load_run, prompt_ids
     from tunesmith.serve.parity import TOLERANCES, load_gguf, parity_prompts
@@ -138,3 +138,28 @@ def test_go_template_renderer_and_untranslatable_templates():
     assert render_go(go, [{"role": "user", "content": "hi"}]) == "[user] hi\n"
     with pytest.raises(RunError, match="can't be translated to an Ollama TEMPLATE"):
         ollama_template(lambda m: "".join(f"### {x['role']}: {x['content']}\n" for x in m) + "### assistant:")
+
+
+@pytest.mark.integration
+def test_ollama_q8_0_export_of_a_default_model_run_passes_its_gate(tmp_path):
+    """A few LoRA steps on the real SmolLM2-135M, exported for Ollama in q8_0: the gate passes within q8_0's
+    stated tolerance, the GGUF is about a quarter of the fp32 weights."""
+    from pathlib import Path
+
+    from tunesmith.export_gguf import export_gguf
+    from tunesmith.recipe import load_recipe
+    from tunesmith.serve.parity import TOLERANCES
+    from tunesmith.train import train_run
+
+    demo = Path(__file__).parent.parent / "examples" / "meeting-json"
+    recipe = load_recipe(demo / "recipe.yaml", [
+        f"output.dir={tmp_path / 'run'}", "train.max_steps=1", "train.batch_size=2", "train.max_seq_len=128",
+        "train.eval_every=null", "train.save_every=null", f"data.validation={demo / 'heldout.jsonl'}",
+        "eval.loss_rows=2"])
+    train_run(recipe, echo=lambda s: None)
+    out, report = export_gguf(tmp_path / "run", tmp_path / "ollama", "ollama", "q8_0", echo=lambda s: None)
+    assert report["ok"], report["failures"]
+    assert report["logits"]["max_abs_logit_diff"] <= TOLERANCES["q8_0"].max_logit_diff
+    assert all(p["template_same"] and p["tokens_same"] for p in report["prompts"])
+    assert 100e6 < (out / "model.gguf").stat().st_size < 200e6  # 135M parameters in 8.5 bits
+    assert 'PARAMETER stop "<|im_end|>"' in (out / "Modelfile").read_text()
