@@ -57,8 +57,8 @@ def base_architecture(manifest: dict[str, Any]) -> tuple[str, str]:
     try:
         source = resolve_model(bm.get("name", ""), bm.get("cache_dir"))
     except TunesmithError as exc:
-        raise RunError(f"the run's base model: {exc.message if hasattr(exc, 'message') else exc}",
-                       "the base model must be where it was at training time") from None
+        raise RunError(f"the run's base model: {exc.message}",
+                       exc.hint or "the base model must be where it was at training time") from None
     if source.gguf_file:
         import gguf
 
@@ -195,10 +195,11 @@ def export_gguf(run_path: str | Path, out: str | Path, fmt: str = "gguf", dtype:
     OUT.failed (see keep_failed) and a RunError names what differs."""
     import time
 
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, GenerationConfig
 
     from tunesmith.artifacts import new_staging, open_run, place_dir, write_json
     from tunesmith.generate import EXPORT_MARKER, end_of_turn_ids, export_target, load_run
+    from tunesmith.export_gguf_ollama import modelfile
     from tunesmith.methods.adapters import merge_for_export, run_adapter
     from tunesmith.serve.parity import export_report
 
@@ -210,21 +211,22 @@ def export_gguf(run_path: str | Path, out: str | Path, fmt: str = "gguf", dtype:
     out = export_target(run, manifest, out, overwrite)
     check_exportable(run, manifest, fmt)
     system_prompt = (run.read_recipe().get("data") or {}).get("system_prompt") if run.recipe.exists() else None
-    template = AutoTokenizer.from_pretrained(run.tokenizer).chat_template
-    go_template = _ollama_template(template, run.tokenizer) if fmt == "ollama" else None
-    started = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
+    template = tokenizer.chat_template
+    eos = GenerationConfig.from_pretrained(run.root).eos_token_id  # the run's end-of-turn ids (end_of_turn_ids)
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in ([] if eos is None else [eos] if isinstance(eos, int)
+                                                          else eos)]
+    ollama = modelfile(_ollama_template(template, run.tokenizer), stops, system_prompt) if fmt == "ollama" else None
+    started = time.monotonic()  # everything above refuses before the weights load
     loaded = load_run(run.root)
-    stops = [loaded.tokenizer.convert_ids_to_tokens(i) for i in end_of_turn_ids(loaded)]
     model = merge_for_export(loaded.model, run_adapter(run, manifest).adapter)
     stage = new_staging(out)
     try:
         write_gguf(model, loaded.tokenizer, template, stage / GGUF_NAME, dtype, end_of_turn_ids(loaded),
                    name=f"{run.root.name} ({manifest.get('method')})")
         del model, loaded
-        if go_template is not None:
-            from tunesmith.export_gguf_ollama import modelfile
-
-            (stage / "Modelfile").write_text(modelfile(go_template, stops, system_prompt), encoding="utf-8")
+        if ollama is not None:
+            (stage / "Modelfile").write_text(ollama, encoding="utf-8")
         write_json(stage / EXPORT_MARKER, {"tunesmith_export": 1, "run": str(run.root.resolve()), "format": fmt,
                                            "dtype": dtype, "method": manifest.get("method")})
         written = time.monotonic() - started

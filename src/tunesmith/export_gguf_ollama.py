@@ -52,6 +52,10 @@ def _go_text(text: str) -> str:
 
 def modelfile(template: str, stops: list[str], system_prompt: str | None, gguf_name: str = "model.gguf") -> str:
     """The Modelfile text: FROM the GGUF beside it, TEMPLATE, one `PARAMETER stop` per end-of-turn token, SYSTEM."""
+    for what, text in (("chat template", template), ("system prompt", system_prompt or "")):
+        if '"""' in text or text.endswith('"'):
+            raise RunError(f"the run's {what} holds or ends with a double quote that a Modelfile's \"\"\"…\"\"\" "
+                           "can't hold", "use --format gguf and write the Modelfile yourself")
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
     lines += [f'PARAMETER stop "{_quoted(s)}"' for s in stops]
     if system_prompt:
