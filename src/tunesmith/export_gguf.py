@@ -198,8 +198,8 @@ def export_gguf(run_path: str | Path, out: str | Path, fmt: str = "gguf", dtype:
     from transformers import AutoTokenizer, GenerationConfig
 
     from tunesmith.artifacts import new_staging, open_run, place_dir, write_json
-    from tunesmith.generate import EXPORT_MARKER, end_of_turn_ids, export_target, load_run
     from tunesmith.export_gguf_ollama import modelfile
+    from tunesmith.generate import EXPORT_MARKER, end_of_turn_ids, export_target, load_run
     from tunesmith.methods.adapters import merge_for_export, run_adapter
     from tunesmith.serve.parity import export_report
 
