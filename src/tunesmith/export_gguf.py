@@ -1,11 +1,13 @@
 """`tunesmith export --format gguf|ollama`: the run's merged weights as one GGUF file (llama.cpp, Ollama,
 LM Studio), and for Ollama a Modelfile beside it, handed over only when the export answers like the run.
 
-Llama-architecture models only (LlamaForCausalLM: SmolLM2, Llama 2/3, TinyLlama, …), the family of the default
-model: llama.cpp's tensor names, its Q/K permutation (convert_hf_to_gguf.py's `LlamaModel.permute`: the rotary
-halves interleaved the way ggml's rope reads them), hyper-parameters, the byte-level BPE tokenizer and the run's
-chat template in the metadata. The parity gate (serve/parity.export_report) loads the file back and compares it
-with the run; a failed export is kept under OUT.failed and the command fails saying what differs.
+Llama-architecture models only (LlamaForCausalLM, the default model's family) with a byte-level BPE tokenizer
+(SmolLM/SmolLM2; SentencePiece tokenizers such as Llama 2's and TinyLlama's, and Llama 3.1's llama3 rope scaling,
+are refused). Written: llama.cpp's tensor names, its Q/K permutation (convert_hf_to_gguf.py's
+`LlamaModel.permute`: the rotary halves interleaved the way ggml's rope reads them), hyper-parameters, the
+tokenizer and the run's chat template in the metadata. The parity gate (serve/parity.export_report) loads the file
+back and compares it with the run; a failed export is kept under OUT.failed and the command fails saying what
+differs.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def check_exportable(run, manifest: dict[str, Any], fmt: str) -> None:
     model_type, where = base_architecture(manifest)
     if model_type not in SUPPORTED:
         raise RunError(f"{where}: the model is `{model_type}`; --format {fmt} writes Llama-architecture models only "
-                       f"({', '.join(SUPPORTED.values())}: SmolLM2, Llama 2/3, TinyLlama, …)",
+                       f"({', '.join(SUPPORTED.values())} with a byte-level BPE tokenizer, e.g. SmolLM2)",
                        "export with --format merged and convert that folder with llama.cpp's convert_hf_to_gguf.py")
 
 
@@ -199,6 +201,7 @@ def export_gguf(run_path: str | Path, out: str | Path, fmt: str = "gguf", dtype:
 
     from tunesmith.artifacts import new_staging, open_run, place_dir, write_json
     from tunesmith.export_gguf_ollama import modelfile
+    from tunesmith.export_gguf_tokenizer import tokenizer_fields
     from tunesmith.generate import EXPORT_MARKER, end_of_turn_ids, export_target, load_run
     from tunesmith.methods.adapters import merge_for_export, run_adapter
     from tunesmith.serve.parity import export_report
@@ -212,6 +215,7 @@ def export_gguf(run_path: str | Path, out: str | Path, fmt: str = "gguf", dtype:
     check_exportable(run, manifest, fmt)
     system_prompt = (run.read_recipe().get("data") or {}).get("system_prompt") if run.recipe.exists() else None
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
+    tokenizer_fields(tokenizer, 0, [])  # a tokenizer llama.cpp's BPE vocabulary can't hold is refused here
     template = tokenizer.chat_template
     eos = GenerationConfig.from_pretrained(run.root).eos_token_id  # the run's end-of-turn ids (end_of_turn_ids)
     stops = [tokenizer.convert_ids_to_tokens(i) for i in ([] if eos is None else [eos] if isinstance(eos, int)
