@@ -8,7 +8,8 @@ longest batch, one evaluation batch); (2) a real `train_run` of `STEPS` steps. M
 both: the kernel's peak resident memory (VmHWM, reset through /proc/self/clear_refs) less the resident memory at
 the reset — in the real run just after the data is prepared (before the model loads), as in the probe. The real run's
 seconds per step are the median of its steps after the first (machine noise: single steps of
-the same batch ranged 1.5-18 s). Errors are (predicted - measured) / measured.
+the same batch ranged 1.5-18 s); ppo's loop gives no step callbacks, so its steps are timed, in both processes, by
+when each step's row appears in metrics.jsonl (plan_probe.step_clock). Errors are (predicted - measured) / measured.
 The datasets are read from ../shared/datasets: the 64 longest of the first 2,000 rows (so that every batch is cut to
 max_seq_len, as long as the planned worst batch), written to a temporary folder, never into the project.
 """
@@ -44,6 +45,8 @@ RECIPES: dict[str, dict] = {
                               "train": {"batch_size": 8, "max_seq_len": 128}},
     "dpo-lora-b2-s256": {"data": "hh_rlhf", "method": {"name": "dpo", "adapter": "lora"},
                          "train": {"batch_size": 2, "max_seq_len": 256}},
+    "dpo-lora-b4-s256": {"data": "hh_rlhf", "method": {"name": "dpo", "adapter": "lora"},
+                         "train": {"batch_size": 4, "max_seq_len": 256}},
     "ppo-lora-b4-s128": {"data": "alpaca", "method": {"name": "ppo", "adapter": "lora", "max_completion_length": 32,
                                                       "reward_function": "REWARD"},
                          "train": {"batch_size": 4, "max_seq_len": 128}},
@@ -102,7 +105,7 @@ def worker_run(name: str, folder: Path) -> dict:
         return out
 
     train.prepare_stage = prepared_then_measured
-    clock = plan_probe.step_clock()
+    clock = plan_probe.step_clock(Path(recipe.output.dir) / "metrics.jsonl")  # ppo's steps: from its rows
     train.train_run(recipe, callbacks=[clock], echo=lambda s: None)
     peak = memory.stop()
     steps = clock.step_seconds(STEPS)

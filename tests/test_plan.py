@@ -170,6 +170,32 @@ def test_preference_rows_run_as_two_sequences(tmp_path, tiny_model_dir):
     assert "reference model" in [t.name for t in plan.terms] and term(plan, "reference model") == 0  # adapter off
 
 
+def test_trls_fused_head_is_the_backward_of_one_tile(tmp_path, tiny_model_dir):
+    """dpo's log-probabilities come from TRL's fused LM head: on the CPU the backward of one tile of (up to) 4,096
+    positions × 32,768 vocabulary entries holds the fp32 tile buffer, 7 fp32 copies and a bool mask = 33 bytes per
+    tile element (torch.profiler, dpo lora b2 s256: 8 × 124.5 MB + a bool at the step's peak; plan.py)."""
+    from tunesmith.plan import fused_head_term
+    from tunesmith.plan_inputs import Batch
+
+    rows = [{"prompt": f"Question {i}?", "chosen": "A good answer " * (1 + i % 3), "rejected": "No."}
+            for i in range(12)]
+    plan = plan_of(make(tmp_path, tiny_model_dir, {"name": "dpo", "adapter": "lora"}, rows=rows, batch_size=2))
+    m = plan.model
+    assert m.vocab == 49152  # the SmolLM2 tokenizer: a 32,768-wide tile and a 16,384-wide one
+    # batch 2 → 4 sequences (chosen, rejected) of at most 64 tokens: 4 × 63 = 252 scored positions (every position
+    # on the CPU) → 252 × 32,768 × 33 = 272,498,688 bytes
+    assert fused_head_term(m, Batch(4, 64, 20), "cpu", False).bytes == 272_498_688
+    assert fused_head_term(m, Batch(8, 64, 20), "cpu", False).bytes == 2 * 272_498_688  # doubles with the batch
+    assert fused_head_term(m, Batch(4, 127, 20), "cpu", False).bytes == 2 * 272_498_688  # and with the length
+    # past 4,096 positions the tile stops growing: 4,096 × 32,768 × 33
+    assert fused_head_term(m, Batch(64, 129, 20), "cpu", False).bytes == 4096 * 32768 * 33
+    # bf16 autocast: the buffer is bf16 (2 bytes), the backward's copies stay fp32: 252 × 32,768 × 31
+    assert fused_head_term(m, Batch(4, 64, 20), "cpu", True).bytes == 252 * 32768 * 31
+    # CUDA (Triton kernels, in place): only the labelled positions, the buffer alone: 4 × 20 × 32,768 × 2 (bf16)
+    assert fused_head_term(m, Batch(4, 64, 20), "cuda", True).bytes == 80 * 32768 * 2
+    assert term(plan, "logits") == fused_head_term(m, Batch(plan.sequences, plan.longest, 1), "cpu", False).bytes
+
+
 def run_cli(argv, capsys):
     from tunesmith.cli import main
 
@@ -219,3 +245,24 @@ def test_probe_measures_steps_and_memory_near_the_estimate(tmp_path, tiny_model_
                                                   + result.evaluations * result.eval_seconds_per_batch)
     assert result.finish_low_seconds == pytest.approx(result.finish_seconds * result.typical_scale)
     assert not (tmp_path / "run").exists()  # the probe wrote nothing into the run folder
+
+
+def test_a_loop_without_step_callbacks_is_timed_by_its_metrics_rows(tmp_path):
+    """ppo's own loop calls only on_train_begin/on_train_end; the clock times its steps by when each step's row
+    appears in metrics.jsonl, so the first step's one-time costs stay out of the later steps."""
+    import json
+    import time
+
+    from tunesmith.plan_probe import step_clock
+
+    rows = tmp_path / "metrics.jsonl"
+    clock = step_clock(rows)
+    clock.on_train_begin(None, None, None)
+    for step, seconds in enumerate((0.6, 0.2, 0.2), start=1):  # a slow first step, then two quick ones
+        time.sleep(seconds)
+        with open(rows, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, "reward": 0.5}) + "\n")
+    clock.on_train_end(None, None, None)  # at once after the last row: it is still seen
+    first, *later = clock.step_seconds(3)
+    assert first == pytest.approx(0.6, abs=0.1) and later == pytest.approx([0.2, 0.2], abs=0.1)
+    assert step_clock().step_seconds(3) == []  # nothing seen, nothing made up

@@ -42,9 +42,18 @@ EDGE_VALUES = 3  # × hidden per token outside the layers (embedding output, fin
 # The loss's share: trained_token_loss keeps logits (batch × trained positions × vocabulary, fp32) and
 # cross-entropy's log-softmax, and the backward adds the gradient of both: LOGIT_COPIES fp32 copies at its peak.
 LOGIT_COPIES = 3
-# TRL's chunked log-probabilities (dpo, kto, orpo, grpo, rloo: `fused_lm_head`) hold one chunk of logits and its
-# log-softmax, for every position of every sequence, the reference's forward included.
-FUSED_LOGIT_COPIES = 2
+# TRL's fused LM head (dpo, kto, orpo, grpo, rloo: `add_fused_lm_head`, trl/kernels/chunked_logprob.py) never builds
+# the logits: it projects tiles of FUSED_TOKEN_TILE positions × FUSED_VOCAB_TILE vocabulary entries, one at a time,
+# and keeps only per-position sums. On a device without Triton (the CPU) it scores every position of every sequence
+# (batch × (length - 1), the reference's forward too); with Triton (CUDA) only the labelled ones. Its peak is the
+# backward of one tile, which recomputes the tile and turns it into the logits' gradient in torch ops: measured with
+# torch.profiler on dpo lora b2 s256 (bench/plan_accuracy.py, 2026-12-08), 8 fp32 [996 × 32768] tensors of 124.5 MB
+# and one bool alive at once inside ChunkedLogProbFunctionBackward — the reused tile buffer (compute dtype), its fp32
+# copy × logit scale, × 1/temperature, log p, p, the zero-filled gradient, the target one-hot as float, one-hot − p
+# (and the one-hot as bool) — 1.03 GB at the step's peak, with every activation still alive. The Triton kernels work
+# in place: the tile buffer alone. FUSED_LOGIT_COPIES was 2 copies of the whole batch × length × vocabulary before.
+FUSED_TOKEN_TILE, FUSED_VOCAB_TILE = 4096, 32768  # TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16
+FUSED_TILE_FP32_COPIES = 7  # beside the buffer, in the backward's torch ops (CPU)
 # On the CPU, glibc's malloc keeps freed activation memory in its heap between steps (tensors under its mmap
 # threshold, which grows to 32 MB after large frees: the many small activation tensors, not the logits, which are
 # mapped and unmapped whole), so a step's resident peak exceeds the bytes alive at once. Fitted by least squares on
@@ -195,7 +204,7 @@ def estimate(m: ModelFacts, s: Settings, shape: Shape, rows: list, params, devic
     gc = "with" if s.checkpointing else "without"
     terms.append(Term("activations", act, f"{batch.sequences} × {batch.longest} tokens, {gc} gradient checkpointing "
                                           f"({'with' if not s.checkpointing else 'without'}: {other / GB:.2f} GB)"))
-    terms.append(_logits_term(m, shape, batch, params))
+    terms.append(_logits_term(m, shape, batch, params, device, mixed))
     if shape.reference and _has_reference(params):
         copy = s.adapter in ("full", "freeze", "adapter") or bool(getattr(params, "policy", None))
         ref = m.total * 4 if s.adapter in ("full", "freeze", "adapter") else (trainable * 4 if copy else 0)
@@ -224,7 +233,8 @@ def _has_reference(params) -> bool:
     return True
 
 
-def _logits_term(m: ModelFacts, shape: Shape, batch: Batch, params) -> Term:
+def _logits_term(m: ModelFacts, shape: Shape, batch: Batch, params, device: str = "cpu",
+                 mixed: bool = False) -> Term:
     if shape.loss == "head" or not shape.trains:
         return Term("logits", batch.sequences * 8 * 4, "a small head instead of the vocabulary")
     if shape.loss == "trained":
@@ -235,9 +245,22 @@ def _logits_term(m: ModelFacts, shape: Shape, batch: Batch, params) -> Term:
         width = getattr(params, "max_completion_length", 1) + 1
         n = batch.sequences * width
         return Term("logits", n * m.vocab * 4 * LOGIT_COPIES, f"{n:,} reply positions × {m.vocab:,}, fp32 log-softmax")
-    n = batch.sequences * batch.longest
-    return Term("logits", n * m.vocab * 4 * FUSED_LOGIT_COPIES, f"{n:,} positions × {m.vocab:,} (TRL's chunked "
-                                                                "log-probs, the reference's too)")
+    return fused_head_term(m, batch, device, mixed)
+
+
+def fused_head_term(m: ModelFacts, batch: Batch, device: str, mixed: bool) -> Term:
+    """The peak of TRL's fused LM head: the backward of one tile (see FUSED_TOKEN_TILE)."""
+    triton = device == "cuda"
+    n = batch.sequences * (batch.loss_positions if triton else max(1, batch.longest - 1))
+    rows, cols = min(n, FUSED_TOKEN_TILE), min(m.vocab, FUSED_VOCAB_TILE)
+    buffer = rows * cols * (2 if mixed else 4)
+    if triton:
+        return Term("logits", buffer, f"one {rows:,} × {cols:,} tile of TRL's fused head (of {n:,} labelled positions "
+                                      f"× {m.vocab:,})")
+    work = rows * cols * (4 * FUSED_TILE_FP32_COPIES + 1)
+    return Term("logits", buffer + work, f"TRL's fused head, backward of one {rows:,} × {cols:,} tile of {n:,} "
+                                         f"positions × {m.vocab:,}: the buffer, {FUSED_TILE_FP32_COPIES} fp32 copies "
+                                         "and a bool mask (torch ops on CPU)")
 
 
 def _split(terms: list[Term], m: ModelFacts, s: Settings) -> list[Term]:

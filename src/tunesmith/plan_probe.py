@@ -31,6 +31,7 @@ from tunesmith.recipe import Recipe
 
 
 PROBE_STEPS = 3
+POLL_SECONDS = 0.02  # step_clock's look at a loop's metrics rows
 
 
 @dataclass
@@ -103,16 +104,48 @@ class PeakMemory:
 # ----------------------------------------------------------------------------------------------- timing
 
 
-def step_clock():
-    """A transformers callback recording when the training steps, the training and each evaluation end."""
+def step_clock(rows: Path | None = None):
+    """A transformers callback recording when the training steps, the training and each evaluation end. A method
+    with a loop of its own (ppo) calls only on_train_begin/on_train_end; it writes one metrics row per step, so with
+    `rows` (the run's metrics.jsonl) a thread notes when each new step row appears (polled every POLL_SECONDS), and
+    the steps are timed from those — otherwise only their average over the run is known, the first step's one-time
+    costs included (spread over 3 steps in the probe, over 5 in bench/plan_accuracy.py's run)."""
     from transformers import TrainerCallback
 
     class _Clock(TrainerCallback):
         def __init__(self):
             self.begin, self.steps, self.end, self.evals = None, [], None, []
+            self.row_times: list[float] = []
+            self._size = -1
+            self._stop = threading.Event()
+            self._thread = None
 
         def on_train_begin(self, args, state, control, **kw):
             self.begin = time.perf_counter()
+            if rows is not None and self._thread is None:
+                self._thread = threading.Thread(target=self._watch, daemon=True)
+                self._thread.start()
+
+        def _watch(self) -> None:
+            while not self._stop.is_set():
+                self._look()
+                self._stop.wait(POLL_SECONDS)
+            self._look()  # the last step's row, written just before on_train_end
+
+        def _look(self) -> None:
+            try:
+                size = rows.stat().st_size
+            except OSError:
+                return
+            if size == self._size:
+                return
+            self._size, now = size, time.perf_counter()
+            try:
+                lines = rows.read_text(encoding="utf-8").splitlines()
+            except OSError:
+                return
+            steps = sum(1 for line in lines if line.startswith('{"step"'))
+            self.row_times += [now] * max(0, steps - len(self.row_times))
 
         def on_step_begin(self, args, state, control, **kw):
             self.steps.append([time.perf_counter(), None])
@@ -123,6 +156,9 @@ def step_clock():
 
         def on_train_end(self, args, state, control, **kw):
             self.end = time.perf_counter()
+            if self._thread is not None:
+                self._stop.set()
+                self._thread.join()
 
         def on_evaluate(self, args, state, control, **kw):
             self.evals.append(time.perf_counter())
@@ -131,7 +167,10 @@ def step_clock():
             done = [b - a for a, b in self.steps if b is not None]
             if done:
                 return done
-            if self.begin is not None and self.end is not None:  # a loop of its own (ppo): begin and end only
+            if self.begin is not None and len(self.row_times) >= min(total_steps, 2):  # a loop of its own (ppo)
+                marks = [self.begin, *self.row_times[:total_steps]]
+                return [b - a for a, b in zip(marks, marks[1:])]
+            if self.begin is not None and self.end is not None:  # its rows unseen: the average
                 return [(self.end - self.begin) / max(total_steps, 1)] * total_steps
             return []
 
@@ -186,7 +225,7 @@ def probe(recipe: Recipe, source=None, train_rows: list | None = None, validatio
     longest = sorted(train_rows, key=_row_tokens, reverse=True)[:size]
     longest = (longest * math.ceil(size / len(longest)))[:size]
     folder = Path(tempfile.mkdtemp(prefix="tunesmith-probe-"))
-    clock, memory = step_clock(), PeakMemory(kind)
+    clock, memory = step_clock(folder / "run" / "metrics.jsonl"), PeakMemory(kind)
     try:
         cut = probe_recipe(recipe, folder / "run")
         run = RunDir(folder / "run")
