@@ -39,8 +39,12 @@ RUNTIME_BYTES = {"cpu": int(0.75 * GB), "cuda": int(0.5 * GB)}
 ACTIVATION_C = {"full": 8.69, "freeze": 8.69, "lora": 6.88, "lora_dropout": 13.05, "dora": 47.5, "ia3": 5.38,
                 "adapter": 4.52, "prefix": 4.18, "prompt": 4.18}
 EDGE_VALUES = 3  # × hidden per token outside the layers (embedding output, final norm), same count
-# The loss's share: trained_token_loss keeps logits (batch × trained positions × vocabulary, fp32) and
-# cross-entropy's log-softmax, and the backward adds the gradient of both: LOGIT_COPIES fp32 copies at its peak.
+# The loss's share where logits are whole (ppo's generated replies): the logits (fp32) and cross-entropy's
+# log-softmax, and the backward adds the gradient of both: LOGIT_COPIES fp32 copies at its peak. sft and pretrain
+# (trained_token_loss) never hold them whole: methods/head_loss.py projects a chunk of labelled positions at a time
+# and forms its gradient in place — one chunk's fp32 logits (under bf16 also the matmul's bf16 output and the
+# gradient's bf16 copy, and the head's weight cast once), plus the gradient of the hidden states (see
+# chunked_head_term).
 LOGIT_COPIES = 3
 # TRL's fused LM head (dpo, kto, orpo, grpo, rloo: `add_fused_lm_head`, trl/kernels/chunked_logprob.py) never builds
 # the logits: it projects tiles of FUSED_TOKEN_TILE positions × FUSED_VOCAB_TILE vocabulary entries, one at a time,
@@ -233,14 +237,24 @@ def _has_reference(params) -> bool:
     return True
 
 
+def chunked_head_term(m: ModelFacts, batch: Batch, mixed: bool = False) -> Term:
+    """methods/head_loss.py's chunked head and loss at its peak: one chunk of logits and the hidden-state gradient."""
+    from tunesmith.methods.head_loss import CHUNK_ELEMENTS
+
+    n = batch.sequences * batch.loss_positions
+    rows = min(n, max(1, CHUNK_ELEMENTS // m.vocab))
+    per_logit = 4 + (4 if mixed else 0)  # fp32 logits/gradient; under bf16 the matmul's output and a bf16 copy
+    size = rows * m.vocab * per_logit + n * m.hidden * 4 + (m.vocab * m.hidden * 2 if mixed else 0)
+    return Term("logits", size, f"one {rows:,} × {m.vocab:,} chunk of the head at {n:,} labelled positions "
+                                f"(methods/head_loss.py), and their hidden states' gradient")
+
+
 def _logits_term(m: ModelFacts, shape: Shape, batch: Batch, params, device: str = "cpu",
                  mixed: bool = False) -> Term:
     if shape.loss == "head" or not shape.trains:
         return Term("logits", batch.sequences * 8 * 4, "a small head instead of the vocabulary")
     if shape.loss == "trained":
-        n = batch.sequences * batch.loss_positions
-        return Term("logits", n * m.vocab * 4 * LOGIT_COPIES, f"{n:,} labelled positions × {m.vocab:,} vocabulary, "
-                                                              f"fp32 (cross-entropy's copies: {LOGIT_COPIES})")
+        return chunked_head_term(m, batch, mixed)
     if shape.loss == "generated":
         width = getattr(params, "max_completion_length", 1) + 1
         n = batch.sequences * width
