@@ -184,7 +184,7 @@ def test_methods_lists_every_registered_method(capsys):
     ([], "the following arguments are required: COMMAND"),
     (["validate"], "the following arguments are required: recipe"),
     (["validate", "r.yaml", "--bogus"], "unrecognized arguments: --bogus"),
-    (["export", "some-run"], "the following arguments are required: --merge"),
+    (["export", "some-run"], "say what to write with --format merged|gguf|ollama (or --merge)"),
     (["data"], "the following arguments are required: SUBCOMMAND"),
     (["generate", "run"], "the following arguments are required: prompts"),
 ])

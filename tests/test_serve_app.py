@@ -56,7 +56,7 @@ def runs(tmp_path_factory, tiny_model_dir):
     # rates and steps at which the tiny model answers with varied words, not the random model's blank lines
     train_run(make_recipe(tmp, tiny_model_dir, chats, name="main", learning_rate=2e-2, max_steps=15),
               echo=lambda s: None)
-    train_run(make_recipe(tmp, tiny_model_dir, chats, name="second", seed=11, learning_rate=3e-2, max_steps=30),
+    train_run(make_recipe(tmp, tiny_model_dir, chats, name="second", seed=11, learning_rate=2e-2, max_steps=15),
               echo=lambda s: None)
     train_run(classify_recipe(tmp, tiny_model_dir, {"name": "classify", "adapter": "lora"}, name="clf",
                               precision="fp32"), echo=lambda s: None)
