@@ -82,9 +82,6 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    def sdpa(q, k, v, mask):
-        return sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)[0]
-
     simple = (query.device.type == "cpu" and (dropout == 0.0 or not module.training)
               and query.shape[-2] == key.shape[-2] and kwargs.get("softcap") is None
               and kwargs.get("sliding_window") is None)
@@ -95,11 +92,11 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     math = _low_precision(query)
     segments = _segments(kwargs.get("position_ids"))
     if segments is None:
-        if math and query.shape[-2] <= MATH_MAX_LENGTH:
-            mask = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else None
-            if mask is not None or attention_mask is None:
-                return _math(query, key, value, mask, scaling).transpose(1, 2).contiguous(), None
-        return sdpa(query, key, value, attention_mask), None
+        if math and query.shape[-2] <= MATH_MAX_LENGTH and (attention_mask is None
+                                                            or attention_mask.dtype == torch.bool):
+            return _math(query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     parts = []
     for start, end in segments:  # each sequence of the packed row on its own, causal, no mask
         q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
